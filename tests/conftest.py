@@ -1,0 +1,27 @@
+"""Shared pytest fixtures: the ../shared folder beside the project root."""
+
+import os
+import pathlib
+
+import pytest
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SHARED = pathlib.Path(os.environ.get("UNI_INSTRUCT_SHARED", ROOT.parent / "shared"))
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> pathlib.Path:
+  """Path of ../shared; skips the test when it is absent."""
+  if not SHARED.is_dir():
+    pytest.skip(f"../shared not found at {SHARED} (set UNI_INSTRUCT_SHARED to its path)")
+  return SHARED
+
+
+def shared_path(*parts: str) -> pathlib.Path:
+  """Path of a file under ../shared, skipping the calling test when it is absent."""
+  path = SHARED.joinpath(*parts)
+  if not path.exists():
+    pytest.skip(f"shared file {path} not found (../shared beside the project root is needed)")
+  return path

@@ -1,0 +1,108 @@
+"""Orbax I/O of converted teachers (training-state checkpoints live in train_state.py).
+
+A teacher directory holds
+  network.json   the `TeacherMetadata` (class_name, init_kwargs, dataset_kwargs, source path and
+                 sha256 of the source pickle, sha256 of its embedded source);
+  variables/     the Flax variables {'params': ..., ['buffers': ...]} as an orbax
+                 StandardCheckpointer item (float32).
+"""
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from uni_instruct_jax.convert.edm_to_flax import abstract_variables
+from uni_instruct_jax.convert.edm_to_flax import build_teacher
+from uni_instruct_jax.convert.edm_to_flax import TeacherMetadata
+from uni_instruct_jax.convert.safe_unpickle import CheckpointFormatError
+
+NETWORK_JSON = 'network.json'
+VARIABLES = 'variables'
+
+
+def save_teacher(directory: str | os.PathLike, variables: Any, metadata: TeacherMetadata,
+                 overwrite: bool = False) -> pathlib.Path:
+  """Writes `variables` and `metadata` to `directory` (created if needed); returns its path.
+
+  Raises CheckpointFormatError if the directory already holds a teacher and not `overwrite`.
+  """
+  directory = pathlib.Path(directory).resolve()
+  if (directory / NETWORK_JSON).exists() or (directory / VARIABLES).exists():
+    if not overwrite:
+      raise CheckpointFormatError(f'{directory}: already holds a teacher '
+                                  '(overwrite=True / --overwrite replaces it)')
+  directory.mkdir(parents=True, exist_ok=True)
+  (directory / NETWORK_JSON).unlink(missing_ok=True)  # a half-written dir never looks complete
+  with ocp.StandardCheckpointer() as checkpointer:
+    checkpointer.save(directory / VARIABLES, variables, force=overwrite)
+    checkpointer.wait_until_finished()
+  tmp = directory / (NETWORK_JSON + '.tmp')
+  tmp.write_text(json.dumps(metadata.to_json(), indent=2, sort_keys=True) + '\n')
+  tmp.replace(directory / NETWORK_JSON)
+  return directory
+
+
+def load_teacher_metadata(directory: str | os.PathLike) -> TeacherMetadata:
+  """The `TeacherMetadata` recorded in a teacher directory."""
+  path = pathlib.Path(directory) / NETWORK_JSON
+  if not pathlib.Path(directory).is_dir():
+    raise CheckpointFormatError(f'{directory}: no such teacher directory')
+  try:
+    return TeacherMetadata.from_json(json.loads(path.read_text()))
+  except FileNotFoundError:
+    raise CheckpointFormatError(f'{directory}: not a teacher directory (no {NETWORK_JSON}; '
+                                'convert with python -m uni_instruct_jax.convert)') from None
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointFormatError(f'{path}: unreadable teacher metadata '
+                                f'({str(e).splitlines()[0]})') from None
+
+
+def load_teacher(directory: str | os.PathLike, sharding: Any = None, dtype=jnp.float32
+                 ) -> tuple[Any, dict]:
+  """(model, variables) of a converted teacher, as `load_edm_pickle` returns them.
+
+  Args:
+    directory: written by `save_teacher` / `python -m uni_instruct_jax.convert`.
+    sharding: a `jax.sharding.Sharding` for every array (e.g. replicated over a mesh), or a pytree
+      of shardings matching the variables; None gives uncommitted arrays on the default device,
+      as `load_edm_pickle` does.
+    dtype: compute dtype of the model (params stay float32).
+  """
+  metadata = load_teacher_metadata(directory)
+  model = build_teacher(metadata, dtype)
+  abstract = abstract_variables(model)
+  if sharding is None:  # restore to host, then place like load_edm_pickle (uncommitted)
+    target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract)
+  else:
+    if isinstance(sharding, jax.sharding.Sharding):
+      sharding = jax.tree.map(lambda _: sharding, abstract)
+    try:
+      target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                            abstract, sharding)
+    except ValueError as e:
+      raise ValueError(f'sharding does not match the teacher variables: {e}') from None
+  path = pathlib.Path(directory).resolve() / VARIABLES
+  if not path.is_dir():
+    raise CheckpointFormatError(f'{directory}: no {VARIABLES}/ checkpoint beside {NETWORK_JSON}')
+  try:
+    with ocp.StandardCheckpointer() as checkpointer:
+      variables = checkpointer.restore(path, target)
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise CheckpointFormatError(f'{path}: cannot restore the teacher variables ({message})'
+                                ) from None
+  for (key, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract),
+                              jax.tree.leaves(variables)):
+    if got.shape != want.shape or got.dtype != want.dtype:
+      raise CheckpointFormatError(f'{path}: variable {jax.tree_util.keystr(key)} is '
+                                  f'{got.dtype}{list(got.shape)}, the network expects '
+                                  f'{want.dtype}{list(want.shape)}')
+  if sharding is None:
+    variables = jax.tree.map(jnp.asarray, variables)
+  return model, variables

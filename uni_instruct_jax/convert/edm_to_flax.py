@@ -1,0 +1,254 @@
+"""EDM snapshot pickle -> Flax preconditioner and its variables, with name and shape checks.
+
+The pickle is read by `safe_unpickle.load_pickle` (allow-listed globals, embedded source never run).
+The network config comes from the pickled constructor kwargs (`_init_kwargs` of the preconditioner
+and of its inner UNet); parameter names and layouts follow `uni_instruct_jax.networks`'s naming
+rule (`torch_key_to_flax_path`, `torch_value_to_flax`, `resample_filters`).
+"""
+
+import dataclasses
+import os
+from typing import Any
+
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uni_instruct_jax import networks
+from uni_instruct_jax.convert import safe_unpickle
+from uni_instruct_jax.convert.safe_unpickle import CheckpointFormatError
+
+EDM_PERSISTENCE_VERSION = 6
+PRECOND_CLASSES = ('EDMPrecond', 'VPPrecond', 'VEPrecond')
+# UNet kwargs that the preconditioner derives from its own (EDM: in/out_channels = img_channels).
+_DERIVED_UNET_KWARGS = {'img_resolution': 'img_resolution', 'label_dim': 'label_dim',
+                        'in_channels': 'img_channels', 'out_channels': 'img_channels'}
+
+
+class StateDictMismatchError(CheckpointFormatError):
+  """The checkpoint's tensors do not match the network its kwargs describe."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherMetadata:
+  """What a converted teacher records about its source.
+
+  Attributes:
+    class_name: 'EDMPrecond' | 'VPPrecond' | 'VEPrecond'.
+    init_kwargs: the preconditioner's constructor kwargs, `model_type` included (JSON types).
+    dataset_kwargs: the snapshot's dataset kwargs (JSON types; informational).
+    source_path: path of the source pickle.
+    sha256: hex sha256 of the source pickle's bytes.
+    module_src_sha256: hex sha256 of the embedded (never executed) networks source.
+  """
+  class_name: str
+  init_kwargs: dict
+  dataset_kwargs: dict
+  source_path: str
+  sha256: str
+  module_src_sha256: str
+
+  def to_json(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_json(cls, data: Any) -> 'TeacherMetadata':
+    fields = [f.name for f in dataclasses.fields(cls)]
+    if not isinstance(data, dict) or sorted(data) != sorted(fields):
+      raise CheckpointFormatError(f'teacher metadata must have exactly the fields {fields}')
+    return cls(**data)
+
+
+def _json_value(value: Any, where: str, strict: bool = True) -> Any:
+  """Pickled kwarg value -> JSON type (tuples as lists); non-JSON values raise, or become repr."""
+  if isinstance(value, np.generic):
+    value = value.item()
+  if value is None or isinstance(value, (bool, int, float, str)):
+    return value
+  if isinstance(value, (list, tuple)):
+    return [_json_value(v, where, strict) for v in value]
+  if isinstance(value, dict) and all(isinstance(k, str) for k in value):
+    return {k: _json_value(v, f'{where}.{k}', strict) for k, v in value.items()}
+  if strict:
+    raise CheckpointFormatError(f'{where} holds a {type(value).__name__}, not a plain value')
+  return repr(value)
+
+
+def _persistent(obj: Any, what: str) -> safe_unpickle.PersistentObject:
+  if not isinstance(obj, safe_unpickle.PersistentObject):
+    raise CheckpointFormatError(f'{what} is a {type(obj).__name__}, not an EDM persistent object')
+  if obj.version != EDM_PERSISTENCE_VERSION:
+    raise CheckpointFormatError(f'{what} has persistence version {obj.version}, expected '
+                                f'{EDM_PERSISTENCE_VERSION}')
+  return obj
+
+
+def _init_kwargs(obj: safe_unpickle.PersistentObject, what: str) -> dict:
+  kwargs = obj.state.get('_init_kwargs')
+  if not isinstance(kwargs, dict) or obj.state.get('_init_args', ()) != ():
+    raise CheckpointFormatError(f'{what} ({obj.class_name}) has no keyword-only _init_kwargs')
+  return {k: _json_value(v, f'{what}._init_kwargs.{k}') for k, v in kwargs.items()}
+
+
+def network_kwargs(ema: safe_unpickle.PersistentObject) -> dict:
+  """The preconditioner's constructor kwargs, merged with and checked against its UNet's.
+
+  `model_type` is taken from the inner model's class (EDMPrecond's default is DhariwalUNet, the
+  others' SongUNet, so a pickle that omits it is still read right).
+  """
+  kwargs = _init_kwargs(ema, 'ema')
+  modules = ema.state.get('_modules')
+  inner = _persistent(modules.get('model') if isinstance(modules, dict) else None, 'ema.model')
+  inner_kwargs = _init_kwargs(inner, 'ema.model')
+  if kwargs.setdefault('model_type', inner.class_name) != inner.class_name:
+    raise CheckpointFormatError(f'ema model_type {kwargs["model_type"]!r} differs from its model '
+                                f'class {inner.class_name!r}')
+  for key, value in inner_kwargs.items():
+    outer_key = _DERIVED_UNET_KWARGS.get(key, key)
+    default = 0 if key == 'label_dim' else value
+    if kwargs.get(outer_key, default) != value:
+      raise CheckpointFormatError(f'ema kwarg {outer_key}={kwargs.get(outer_key)!r} differs from '
+                                  f'its model\'s {key}={value!r}')
+    if key not in _DERIVED_UNET_KWARGS:
+      kwargs[key] = value
+  return kwargs
+
+
+def torch_state_dict(module: Any, prefix: str = '') -> dict[str, np.ndarray]:
+  """Flat torch-style state dict {'model.enc.16x16_conv.weight': array, ...} of a pickled module.
+
+  Walks `_parameters`, `_buffers` (persistent ones) and `_modules` as `nn.Module.state_dict` does.
+  """
+  if not isinstance(module, (safe_unpickle.PersistentObject, safe_unpickle.TorchModuleDict)):
+    raise CheckpointFormatError(f'module {prefix or "<root>"} is a {type(module).__name__}')
+  state = module.state
+  skip = state.get('_non_persistent_buffers_set') or set()
+  out = {}
+  for group in ('_parameters', '_buffers', '_modules'):
+    entries = state.get(group, {})
+    if not isinstance(entries, dict):
+      raise CheckpointFormatError(f'{prefix}{group} is a {type(entries).__name__}, not a dict')
+    for name, value in entries.items():
+      if value is None or (group == '_buffers' and name in skip):
+        continue
+      if group == '_modules':
+        out.update(torch_state_dict(value, f'{prefix}{name}.'))
+      elif isinstance(value, np.ndarray):
+        out[prefix + name] = value
+      else:
+        raise CheckpointFormatError(f'{prefix}{name} is a {type(value).__name__}, not a tensor')
+  return out
+
+
+def abstract_variables(model: networks.Precond) -> dict:
+  """`jax.eval_shape` of the model's variables {'params', ['buffers']} (ShapeDtypeStruct leaves)."""
+  res, ch = model.img_resolution, model.img_channels
+  x = jnp.zeros((1, res, res, ch), jnp.float32)
+  sigma = jnp.ones((1,), jnp.float32)
+  rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
+  return jax.eval_shape(model.init, rngs, x, sigma)
+
+
+def state_dict_to_variables(model: networks.Precond, state_dict: dict[str, np.ndarray]) -> dict:
+  """Torch state dict -> Flax variables of `model` (float32 numpy), checking every name and shape.
+
+  Raises:
+    StateDictMismatchError naming the first unexpected, missing, misshaped or non-finite key, or a
+    `resample_filter` buffer that differs from the config's filter.
+  """
+  expected = traverse_util.flatten_dict(nn.unbox(abstract_variables(model)))
+  filters = networks.resample_filters(model)
+  flat = {}
+  for key, value in state_dict.items():
+    if key.rsplit('.', 1)[-1] == 'resample_filter':
+      if key not in filters:
+        raise StateDictMismatchError(f'unexpected key {key}: the config has no such filter')
+      want = filters[key]
+      if value.shape != want.shape or not np.allclose(value, want, rtol=1e-6, atol=1e-7):
+        raise StateDictMismatchError(f'key {key}: resample filter {value.reshape(-1).tolist()} '
+                                     f'differs from the config\'s {want.reshape(-1).tolist()}')
+      continue
+    try:
+      path = networks.torch_key_to_flax_path(key)
+    except ValueError as e:
+      raise StateDictMismatchError(f'unexpected key {key}: {e}') from None
+    if path not in expected:
+      raise StateDictMismatchError(f'unexpected key {key}: the network has no variable '
+                                   f'{"/".join(path)}')
+    converted = networks.torch_value_to_flax(key, value)
+    if converted.shape != expected[path].shape:
+      raise StateDictMismatchError(f'key {key}: shape {value.shape} (as {"/".join(path)}: '
+                                   f'{converted.shape}) but the network expects '
+                                   f'{expected[path].shape}')
+    if not np.all(np.isfinite(converted)):
+      raise StateDictMismatchError(f'key {key}: non-finite values')
+    flat[path] = np.asarray(converted, expected[path].dtype)
+  missing = [k for k in filters if k not in state_dict]
+  missing += ['/'.join(p) for p in expected if p not in flat]
+  if missing:
+    raise StateDictMismatchError(f'missing key {missing[0]} ({len(missing)} missing in all)')
+  return traverse_util.unflatten_dict(flat)
+
+
+def snapshot_ema(snapshot: Any) -> safe_unpickle.PersistentObject:
+  """The preconditioner of a loaded EDM snapshot dict, checked (version 6, known class)."""
+  if not isinstance(snapshot, dict) or 'ema' not in snapshot:
+    raise CheckpointFormatError('not an EDM snapshot (a dict with an "ema" network)')
+  ema = _persistent(snapshot['ema'], 'ema')
+  if ema.class_name not in PRECOND_CLASSES:
+    raise CheckpointFormatError(f'ema is a {ema.class_name}, expected one of {PRECOND_CLASSES}')
+  return ema
+
+
+def read_edm_snapshot(path: str | os.PathLike) -> tuple[TeacherMetadata, dict[str, np.ndarray]]:
+  """Reads an EDM snapshot pickle -> (metadata, torch state dict of its 'ema' network).
+
+  'loss_fn' and 'augment_pipe' are read as inert records (through the same allow-list) and ignored.
+  """
+  path = os.fspath(path)
+  snapshot = safe_unpickle.load_pickle(path)
+  try:
+    ema = snapshot_ema(snapshot)
+    dataset_kwargs = snapshot.get('dataset_kwargs') or {}
+    if not isinstance(dataset_kwargs, dict):
+      raise CheckpointFormatError('dataset_kwargs is not a dict')
+    metadata = TeacherMetadata(
+        class_name=ema.class_name, init_kwargs=network_kwargs(ema),
+        dataset_kwargs=_json_value(dataset_kwargs, 'dataset_kwargs', strict=False),
+        source_path=os.path.abspath(path), sha256=safe_unpickle.sha256_file(path),
+        module_src_sha256=ema.module_src_sha256)
+    return metadata, torch_state_dict(ema)
+  except CheckpointFormatError as e:
+    raise type(e)(f'{path}: {e}') from None
+
+
+def build_teacher(metadata: TeacherMetadata, dtype=jnp.float32) -> networks.Precond:
+  """The Flax preconditioner described by `metadata` (compute dtype `dtype`, float32 params)."""
+  try:
+    return networks.build_network(metadata.class_name, metadata.init_kwargs, dtype)
+  except (TypeError, ValueError) as e:
+    raise CheckpointFormatError(f'{metadata.source_path}: cannot build {metadata.class_name}: '
+                                f'{e}') from None
+
+
+def convert_edm_pickle(path: str | os.PathLike, dtype=jnp.float32
+                       ) -> tuple[networks.Precond, dict, TeacherMetadata]:
+  """EDM snapshot pickle -> (Flax model, variables {'params', ['buffers']}, metadata)."""
+  metadata, state_dict = read_edm_snapshot(path)
+  model = build_teacher(metadata, dtype)
+  try:
+    variables = state_dict_to_variables(model, state_dict)
+  except StateDictMismatchError as e:
+    raise StateDictMismatchError(f'{os.fspath(path)}: {e}') from None
+  return model, jax.tree.map(jnp.asarray, variables), metadata
+
+
+def load_edm_pickle(path: str | os.PathLike, dtype=jnp.float32) -> tuple[networks.Precond, dict]:
+  """EDM snapshot pickle -> (Flax model, variables); see `convert_edm_pickle`.
+
+  `model.apply(variables, x [B,R,R,C], sigma [B], class_labels, augment_labels)` is EDM's D(x, σ).
+  """
+  model, variables, _ = convert_edm_pickle(path, dtype)
+  return model, variables
