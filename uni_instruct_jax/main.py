@@ -47,6 +47,8 @@ def _parse_flags(argv):
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 brings it back.
+    logging.set_verbosity(logging.WARNING)
   parallel.initialize_distributed()
   from uni_instruct_jax import train  # pylint: disable=g-import-not-at-top
   try:

@@ -792,7 +792,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   start_step = int(run.meta.get("step", 0))
   summary_path = workdir / "summary.json"
   if start_step >= run.total_steps and summary_path.exists():
-    logging.info("run in %s already finished at step %d; nothing to do", workdir, start_step)
+    print(f"run in {workdir} already finished at step {start_step}; nothing to do", flush=True)
     run.checkpointer.close()
     return json.loads(summary_path.read_text())
 
@@ -805,8 +805,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   log = MetricsLog(workdir, start_step)
   batch = config.training.batch_size
   total_kimg = run.total_steps * batch / 1000
-  logging.info("training %d steps (%.1f kimg) from step %d in %s on %d device(s)",
-               run.total_steps, total_kimg, start_step, workdir, jax.device_count())
+  print(f"training {run.total_steps} steps ({total_kimg:.1f} kimg) from step {start_step} in "
+        f"{workdir} on {jax.device_count()} device(s)", flush=True)
 
   state, step, pending = run.state, start_step, []
   tick_start = time.time()
