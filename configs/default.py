@@ -40,6 +40,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.network = ml_collections.ConfigDict(dict(
       class_name="EDMPrecond",
       dtype="float32",        # compute dtype: 'float32' or 'bfloat16' (params stay float32).
+      attn_implementation="",  # jax.nn.dot_product_attention: '' (XLA) or 'cudnn' (GPU).
       kwargs=ml_collections.ConfigDict(dict(
           img_resolution=32, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=128, channel_mult=(2, 2, 2), num_blocks=4,
           attn_resolutions=(16,), dropout=0.13, augment_dim=9, embedding_type="positional",

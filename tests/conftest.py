@@ -5,7 +5,13 @@ import pathlib
 
 import pytest
 
+import tempfile
+
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Persistent XLA cache shared by the tests and their subprocesses: the tiny-UNet steps compile once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "uni_instruct_jax_test_xla_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SHARED = pathlib.Path(os.environ.get("UNI_INSTRUCT_SHARED", ROOT.parent / "shared"))

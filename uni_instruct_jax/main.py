@@ -9,6 +9,7 @@ mismatch, unreadable checkpoint) prints one `error: ...` line on stderr and exit
 before any compute.
 """
 
+import os
 import sys
 
 from absl import app
@@ -35,6 +36,11 @@ def _fail(message: str) -> None:
 
 def _parse_flags(argv):
   """absl parsing with a one-line error and exit code 2 (absl's default prints usage, exits 1)."""
+  for arg in argv[1:]:  # config_flags would only fail later, on first use of the config
+    if arg.startswith("--config="):
+      path = arg[len("--config="):].split(":")[0]
+      if not os.path.isfile(path):
+        _fail(f"--config: no such config file {path!r}")
   try:
     return FLAGS(argv)
   except flags.Error as e:

@@ -4,7 +4,7 @@ Reading order for a newcomer:
   1. `setup(config, workdir)` validates every input (config, workdir, data, teacher, checkpoint)
      and builds the networks, the state and the jitted step; it raises `SetupError` before any
      compute, so bad input never touches what is already in the workdir.
-  2. `make_train_step(...)` returns the pure function `train_step(state, batch, frozen)`:
+  2. `make_step_fns(...)` returns the pure function `train_step(state, batch, frozen)`:
      one fake-score + discriminator update, then one generator update (skipped during warm-up),
      then the generator EMA (spec §3.2). Phases are selected by images seen inside the step.
   3. `train_and_evaluate` runs the loop: ticks (status line, metrics.jsonl, TensorBoard),
@@ -18,7 +18,7 @@ import pathlib
 import resource
 import sys
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -168,10 +168,17 @@ def _accumulate(grad_fn: Callable, params: Any, batch: Any, key, num_micro: int)
   return jax.tree.map(lambda x: x / num_micro, total)
 
 
-def make_train_step(nets: Nets, cfg: StepConfig, gen_tx: optax.GradientTransformation,
-                    fake_tx: optax.GradientTransformation,
-                    augment_pipe: Optional[augment_lib.AugmentPipe]) -> Callable:
-  """Builds `train_step(state, batch, frozen) -> (state, metrics)`.
+class StepFns(NamedTuple):
+  """The pure step functions, each `(state, batch, frozen) -> (state, metrics)`."""
+  fake_score_update: Callable
+  generator_update: Callable
+  train_step: Callable        # fake_score_update, then generator_update.
+
+
+def make_step_fns(nets: Nets, cfg: StepConfig, gen_tx: optax.GradientTransformation,
+                  fake_tx: optax.GradientTransformation,
+                  augment_pipe: Optional[augment_lib.AugmentPipe]) -> StepFns:
+  """Builds the step functions (train_step = one fake-score then one generator update).
 
   batch: {'image': [B, *data_shape] real data in data units, 'label': [B, label_dim]}.
   frozen: {'teacher': teacher variables, 'buffers': generator/fake 'buffers' collection or {}}.
@@ -272,58 +279,66 @@ def make_train_step(nets: Nets, cfg: StepConfig, gen_tx: optax.GradientTransform
 
     return jax.grad(loss_fn, has_aux=True)(gen_params)
 
-  def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], frozen: Dict[str, Any]):
-    key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-    k_fake, k_gen = jax.random.split(key)
-    buffers = frozen["buffers"]
+  def step_keys(state):
+    """(fake-score key, generator key) of this step: fold_in(rng, step), split."""
+    return jax.random.split(jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step))
 
-    # 1. Fake score + discriminator (every step).
-    f_grads, f_metrics = _accumulate(
-        lambda p, mb, k: fake_grad(p, mb, k, state.gen_params, buffers),
-        state.fake_params, batch, k_fake, cfg.num_micro)
+  def fake_score_update(state: ts.TrainState, batch: Dict[str, jnp.ndarray],
+                        frozen: Dict[str, Any]):
+    """1. Fake score + discriminator (every step): new fake_params / fake_opt."""
+    f_grads, metrics = _accumulate(
+        lambda p, mb, k: fake_grad(p, mb, k, state.gen_params, frozen["buffers"]),
+        state.fake_params, batch, step_keys(state)[0], cfg.num_micro)
     f_grads, f_bad = _sanitize(f_grads)
     if gan_on and cfg.fake_grad_clip:
       f_grads = jax.tree.map(lambda g: jnp.clip(g, -cfg.fake_grad_clip, cfg.fake_grad_clip),
                              f_grads)
     f_updates, fake_opt = fake_tx.update(f_grads, state.fake_opt, state.fake_params)
-    fake_params = optax.apply_updates(state.fake_params, f_updates)
+    metrics["nan_grads"] = f_bad.astype(jnp.float32)
+    return state.replace(fake_params=optax.apply_updates(state.fake_params, f_updates),
+                         fake_opt=fake_opt), metrics
 
-    # 2. Generator (skipped during the warm-up; phase by images seen before this step).
+  def generator_update(state: ts.TrainState, batch: Dict[str, jnp.ndarray],
+                       frozen: Dict[str, Any]):
+    """2. Generator against the current fake score (skipped during the warm-up; phase by images
+    seen before this step), 3. generator EMA, then step / images_seen advance."""
     nimg = state.images_seen
     branch = jnp.where(nimg < cfg.sid_images, 0, jnp.sum(nimg >= starts))
 
     def gen_update(_):
       grads, metrics = _accumulate(
-          lambda p, mb, k: gen_grad(p, mb, k, fake_params, frozen["teacher"], buffers, branch),
-          state.gen_params, batch, k_gen, cfg.num_micro)
+          lambda p, mb, k: gen_grad(p, mb, k, state.fake_params, frozen["teacher"],
+                                    frozen["buffers"], branch),
+          state.gen_params, batch, step_keys(state)[1], cfg.num_micro)
       grads, bad = _sanitize(grads)
       updates, gen_opt = gen_tx.update(grads, state.gen_opt, state.gen_params)
-      return optax.apply_updates(state.gen_params, updates), gen_opt, metrics, bad
+      metrics["nan_grads"] = bad.astype(jnp.float32)
+      return optax.apply_updates(state.gen_params, updates), gen_opt, metrics
 
     def gen_skip(_):
       metrics = jax.eval_shape(gen_update, None)[2]
-      return (state.gen_params, state.gen_opt, jax.tree.map(jnp.zeros_like, metrics),
-              jnp.zeros((), jnp.int32))
+      return state.gen_params, state.gen_opt, jax.tree.map(jnp.zeros_like, metrics)
 
     warm = nimg < cfg.warmup_images
-    gen_params, gen_opt, g_metrics, g_bad = jax.lax.cond(warm, gen_skip, gen_update, None)
-
-    # 3. EMA of the generator (half-life in images with ramp-up).
+    gen_params, gen_opt, metrics = jax.lax.cond(warm, gen_skip, gen_update, None)
     images_seen = nimg + cfg.batch_size
     beta = ts.ema_beta(cfg.batch_size, images_seen, cfg.ema_halflife_kimg, cfg.ema_rampup)
-    ema_params = ts.ema_update(state.ema_params, gen_params, beta)
-
-    new_state = state.replace(gen_params=gen_params, ema_params=ema_params,
-                              fake_params=fake_params, gen_opt=gen_opt, fake_opt=fake_opt,
-                              step=state.step + 1, images_seen=images_seen)
-    metrics = {**f_metrics, **{k: v for k, v in g_metrics.items() if k != "nan_samples"}}
-    metrics["nan_samples"] = f_metrics["nan_samples"] + g_metrics["nan_samples"]
-    metrics["nan_grads"] = (f_bad + g_bad).astype(jnp.float32)
     metrics["generator_phase"] = jnp.where(warm, 0, branch + 1).astype(jnp.float32)
     metrics["ema_beta"] = beta
-    return new_state, metrics
+    return state.replace(gen_params=gen_params, gen_opt=gen_opt,
+                         ema_params=ts.ema_update(state.ema_params, gen_params, beta),
+                         step=state.step + 1, images_seen=images_seen), metrics
 
-  return train_step
+  def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], frozen: Dict[str, Any]):
+    """One distillation iteration: fake_score_update then generator_update."""
+    state, f_metrics = fake_score_update(state, batch, frozen)
+    state, g_metrics = generator_update(state, batch, frozen)
+    metrics = {**f_metrics, **g_metrics}
+    for key in ("nan_samples", "nan_grads"):
+      metrics[key] = f_metrics[key] + g_metrics[key]
+    return state, metrics
+
+  return StepFns(fake_score_update, generator_update, train_step)
 
 
 # --------------------------------------------------------------------------------------------
@@ -432,7 +447,8 @@ def _fit_to_teacher(module, params, teacher_fn: Callable, sample_fn: Callable, k
 
 
 def _build_toy(config, mixture):
-  """(Nets, init params or None-producing fn) for the toy: exact teacher, MLP student nets."""
+  """(Nets, frozen, init_params(key) -> (generator, fake-score) params) for the toy: exact
+  teacher; generator and fake score both start from an MLP denoiser fitted to it."""
   kwargs = dict(config.network.kwargs)
   module = mlp.MLPPrecond(dim=mixture.dim, sigma_data=mixture.data_std, dtype=jnp.float32,
                           **{k: tuple(v) if isinstance(v, (list, tuple)) else v
@@ -444,49 +460,57 @@ def _build_toy(config, mixture):
     k_init, k_fit = jax.random.split(key)
     x = jnp.zeros((1, mixture.dim))
     params = module.init(k_init, x, jnp.ones((1,)))["params"]
-    return _fit_to_teacher(module, params, mixture.denoiser, mixture.sample, k_fit,
-                           steps=config.teacher.fit_steps, batch=config.teacher.fit_batch,
-                           lr=config.teacher.fit_lr)
+    fitted = _fit_to_teacher(module, params, mixture.denoiser, mixture.sample, k_fit,
+                             steps=config.teacher.fit_steps, batch=config.teacher.fit_batch,
+                             lr=config.teacher.fit_lr)
+    return fitted, fitted
   return nets, {"teacher": {}, "buffers": {}}, init_params
 
 
-def _load_teacher(config):
-  """(module, variables) of an image teacher from config.teacher.{source, path}."""
-  source, path = config.teacher.source, config.teacher.path
+def _load_teacher(source: str, path: str, config):
+  """(module, variables) of an image network: source 'random' (config.network, variables None),
+  'pkl' (an EDM snapshot at `path`) or 'converted' (a directory from uni_instruct_jax.convert),
+  computing in config.network.dtype."""
+  dtype = jnp.dtype(config.network.dtype)
   if source == "random":
     from uni_instruct_jax.networks import build_network  # pylint: disable=g-import-not-at-top
-    dtype = jnp.dtype(config.network.dtype)
-    module = build_network(config.network.class_name, config.network.kwargs.to_dict(), dtype)
-    return module, None
-  if not path or not pathlib.Path(path).exists():
-    raise SetupError(f"config.teacher.path {path!r} does not exist (teacher source {source!r})")
-  if source == "pkl":
-    from uni_instruct_jax.convert import load_edm_pickle  # pylint: disable=g-import-not-at-top
-    return load_edm_pickle(path)
-  if source == "converted":
-    from uni_instruct_jax.checkpoint import load_teacher  # pylint: disable=g-import-not-at-top
-    return load_teacher(path)
-  raise SetupError(f"config.teacher.source must be pkl|converted|random|toy, got {source!r}")
+    module, variables = build_network(config.network.class_name,
+                                      config.network.kwargs.to_dict(), dtype), None
+  elif source not in ("pkl", "converted"):
+    raise SetupError(f"config.teacher.source must be pkl|converted|random|toy, got {source!r}")
+  elif not path or not pathlib.Path(path).exists():
+    raise SetupError(f"network path {path!r} does not exist (source {source!r})")
+  else:
+    try:
+      if source == "pkl":
+        from uni_instruct_jax.convert import load_edm_pickle  # pylint: disable=g-import-not-at-top
+        module, variables = load_edm_pickle(path, dtype)
+      else:
+        from uni_instruct_jax.checkpoint import load_teacher  # pylint: disable=g-import-not-at-top
+        module, variables = load_teacher(path, dtype=dtype)
+    except (ValueError, OSError, KeyError) as e:
+      raise SetupError(f"cannot load {path!r}: {e}") from e
+  if config.network.attn_implementation:
+    module = module.clone(attn_implementation=config.network.attn_implementation)
+  return module, variables
 
 
-def _build_image(config, dataset):
-  """(Nets, frozen teacher variables, init_params(key)) for image teachers."""
-  try:
-    module, variables = _load_teacher(config)
-  except SetupError:
-    raise
-  except (ValueError, OSError, KeyError) as e:
-    raise SetupError(f"cannot load teacher {config.teacher.path!r}: {e}") from e
+def build_image_nets(config, dataset=None):
+  """(Nets, frozen teacher variables, init_params(key) -> (generator, fake-score) params) for
+  image teachers; checks the teacher against `dataset` (resolution, channels, label_dim) unless
+  it is None."""
+  module, variables = _load_teacher(config.teacher.source, config.teacher.path, config)
   res, ch, label_dim = module.img_resolution, module.img_channels, module.label_dim
-  if (res, ch) != (dataset.resolution, dataset.num_channels):
+  if dataset is None:  # benchmarks: no data to check against
+    pass
+  elif (res, ch) != (dataset.resolution, dataset.num_channels):
     raise SetupError(f"teacher is {res}x{res}x{ch} but the dataset is {dataset.resolution}x"
                      f"{dataset.resolution}x{dataset.num_channels} (config.data.resolution)")
-  if label_dim != dataset.label_dim:
+  elif label_dim != dataset.label_dim:
     raise SetupError(f"teacher label_dim {label_dim} != dataset label_dim {dataset.label_dim} "
                      f"(config.data.use_labels)")
   data_shape = (res, res, ch)
-  augment_dim = getattr(module, "augment_dim", 0) or getattr(
-      getattr(module, "model_kwargs", {}), "get", lambda *_: 0)("augment_dim", 0)
+  augment_dim = dict(module.model_kwargs).get("augment_dim", 0)
 
   def init_variables(key):
     x = jnp.zeros((1,) + data_shape)
@@ -506,24 +530,22 @@ def _build_image(config, dataset):
   nets = Nets(gen=module, fake=module, teacher=teacher, data_shape=data_shape,
               label_dim=label_dim)
 
+  gen_params = variables["params"]
+  if config.generator.init == "sid":  # SiD-init: the generator starts from a distilled network
+    path = config.generator.sid_path
+    sid_module, sid_vars = _load_teacher("pkl" if str(path).endswith(".pkl") else "converted",
+                                         path, config)
+    if jax.tree.structure(sid_vars["params"]) != jax.tree.structure(gen_params):
+      raise SetupError(f"SiD-init generator {path!r} does not have the teacher's architecture")
+    gen_params = sid_vars["params"]
+  elif config.generator.init != "teacher":
+    raise SetupError(f"config.generator.init must be teacher|sid, got {config.generator.init!r}")
+
   def init_params(key):
     del key
-    if config.generator.init == "sid":
-      try:
-        _, sid_vars = _load_teacher_path(config.generator.sid_path)
-      except (ValueError, OSError, KeyError) as e:
-        raise SetupError(f"cannot load SiD-init generator {config.generator.sid_path!r}: {e}") from e
-      return sid_vars["params"]
-    return variables["params"]
+    return gen_params, variables["params"]  # the fake score always starts from the teacher
 
   return nets, {"teacher": teacher_vars, "buffers": buffers}, init_params
-
-
-def _load_teacher_path(path: str):
-  """(module, variables) of an EDM .pkl or converted dir at `path` (SiD-init generators)."""
-  cfg = ml_collections.ConfigDict(dict(teacher=dict(
-      source="pkl" if str(path).endswith(".pkl") else "converted", path=path)))
-  return _load_teacher(cfg)
 
 
 @dataclasses.dataclass
@@ -553,18 +575,47 @@ def _steps(config) -> Tuple[int, int]:
   return total, tick
 
 
+def step_config(config: ml_collections.ConfigDict) -> StepConfig:
+  """The static StepConfig of a run config (SetupError on a bad batch split or schedule)."""
+  batch = config.training.batch_size
+  micro = config.training.micro_batch_size or batch
+  if batch <= 0 or batch % micro:
+    raise SetupError(f"training.batch_size {batch} must be a positive multiple of "
+                     f"training.micro_batch_size {micro}")
+  return StepConfig(
+      batch_size=batch, num_micro=batch // micro, sigma_init=config.training.sigma_init,
+      warmup_images=int(config.loss.warmup_kimg * 1000), sid_images=int(config.loss.sid_kimg * 1000),
+      schedule=parse_schedule(config.loss), method=config.loss.method, mode=config.loss.mode,
+      tmax=config.loss.tmax, loss_scale=config.loss.scale,
+      option_overrides=tuple(sorted(config.loss.overrides.to_dict().items())),
+      fake_grad_clip=config.optim.fake_grad_clip,
+      ema_halflife_kimg=config.ema.halflife_kimg,
+      ema_rampup=config.ema.rampup_ratio if config.ema.rampup_ratio else None)
+
+
+def make_optimizers(config: ml_collections.ConfigDict):
+  """(generator Adam, fake-score Adam) of config.optim."""
+  o = config.optim
+  return (ts.make_optimizer(o.gen_lr, o.b1, o.b2, o.eps), ts.make_optimizer(o.lr, o.b1, o.b2, o.eps))
+
+
+def make_augment_pipe(config: ml_collections.ConfigDict):
+  """The fake-score AugmentPipe of config.fake_score.augment (None when disabled)."""
+  try:
+    return augment_lib.build_augment_pipe(config.fake_score.augment)
+  except ValueError as e:
+    raise SetupError(f"config.fake_score.augment: {e}") from e
+
+
 def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   """Validates inputs and builds the run; raises SetupError on bad input (nothing written yet
   except the workdir directory itself and, for a fresh run, config.json)."""
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise SetupError(f"--workdir {workdir} exists and is not a directory")
+  step_config(config)  # validates the batch split and the divergence schedule
   batch = config.training.batch_size
   micro = config.training.micro_batch_size or batch
-  if batch <= 0 or batch % micro:
-    raise SetupError(f"training.batch_size {batch} must be a positive multiple of "
-                     f"training.micro_batch_size {micro}")
-  schedule = parse_schedule(config.loss)
   try:
     mesh = parallel.make_mesh(config.mesh.model_parallelism)
     local_batch = parallel.local_batch_size(batch, mesh)
@@ -597,34 +648,20 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
       except (ValueError, OSError) as e:
         raise SetupError(f"cannot open dataset {config.data.path!r}: {e}") from e
     dataset = dataset_factory(None)
-    nets, frozen, init_params = _build_image(config, dataset)
+    nets, frozen, init_params = build_image_nets(config, dataset)
 
-  gen_tx = ts.make_optimizer(config.optim.gen_lr, config.optim.b1, config.optim.b2,
-                             config.optim.eps)
-  fake_tx = ts.make_optimizer(config.optim.lr, config.optim.b1, config.optim.b2, config.optim.eps)
+  gen_tx, fake_tx = make_optimizers(config)
   try:
-    augment_pipe = augment_lib.build_augment_pipe(config.fake_score.augment)
-  except ValueError as e:
-    raise SetupError(f"config.fake_score.augment: {e}") from e
-  cfg = StepConfig(
-      batch_size=batch, num_micro=batch // micro, sigma_init=config.training.sigma_init,
-      warmup_images=int(config.loss.warmup_kimg * 1000), sid_images=int(config.loss.sid_kimg * 1000),
-      schedule=schedule, method=config.loss.method, mode=config.loss.mode, tmax=config.loss.tmax,
-      loss_scale=config.loss.scale,
-      option_overrides=tuple(sorted(config.loss.overrides.to_dict().items())),
-      fake_grad_clip=config.optim.fake_grad_clip,
-      ema_halflife_kimg=config.ema.halflife_kimg,
-      ema_rampup=config.ema.rampup_ratio if config.ema.rampup_ratio else None)
-  try:
-    train_step = make_train_step(nets, cfg, gen_tx, fake_tx, augment_pipe)
+    train_step = make_step_fns(nets, step_config(config), gen_tx, fake_tx,
+                               make_augment_pipe(config)).train_step
   except (ValueError, KeyError) as e:
     raise SetupError(f"config.loss: {e}") from e
 
-  def fresh_state():
-    params = init_params(jax.random.key(config.seed))
-    return ts.create_state(params, params, gen_tx, fake_tx, config.seed)
+  def fresh_state(params):
+    return ts.create_state(*params, gen_tx, fake_tx, config.seed)
 
-  abstract = jax.eval_shape(fresh_state)
+  init_key = jax.random.key(config.seed)
+  abstract = jax.eval_shape(fresh_state, jax.eval_shape(init_params, init_key))
   state_shardings = parallel.param_shardings(mesh, abstract)
   meta = {}
   if latest is not None:
@@ -657,8 +694,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     config_path.write_text(config_json)
   if checkpointer is None:
     checkpointer = ts.Checkpointer(workdir, config.ckpt.keep)
-  if state is None:
-    state = jax.jit(fresh_state, out_shardings=state_shardings)()
+  if state is None:  # the toy's teacher fit runs here, only for a fresh run
+    state = jax.jit(fresh_state, out_shardings=state_shardings)(init_params(init_key))
   frozen = jax.device_put(frozen, frozen_shardings)
   total_steps, tick_steps = _steps(config)
   return Run(config=config, workdir=workdir, mesh=mesh, nets=nets, dataset=dataset,

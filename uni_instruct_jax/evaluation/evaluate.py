@@ -43,7 +43,7 @@ def _missing_weights_message(path) -> str:
   where = "no path was given" if not path else f"{path} does not exist"
   return (f"FID Inception weights needed but {where}. Download pytorch-fid's "
           f"{inception.PYTORCH_FID_WEIGHTS_URL} (the TF 2015-12-05 graph's weights; read without "
-          "torch) and pass its path with --config.eval.detector=PATH. Accepted: that .pth (either "
+          "torch) and pass its path with --config.eval.detector_path=PATH. Accepted: that .pth (either "
           "torch.save format) or an .npz of the same state dict. Not accepted: StyleGAN/EDM's "
           "inception-2015-12-05.pkl / .pt (TorchScript code, different parameter names); use "
           "resize_mode='tf' with the .pth to reproduce that detector. For local demos only: "

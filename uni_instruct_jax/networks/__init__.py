@@ -57,7 +57,7 @@ def build_network(class_name: str, init_kwargs: dict, dtype=jnp.float32,
   missing = [k for k in ('img_resolution', 'img_channels') if k not in precond_kwargs]
   if missing:
     raise ValueError(f'{name}: missing required keyword argument(s) {missing}')
-  model_type = precond_kwargs.get('model_type', 'SongUNet')
+  model_type = precond_kwargs.setdefault('model_type', PRECONDS[name].model_type)
   check_model_kwargs(model_type, kwargs)
   return PRECONDS[name](**precond_kwargs, model_kwargs=tuple(sorted(kwargs.items())),
                         dtype=jnp.dtype(dtype), attn_implementation=attn_implementation)

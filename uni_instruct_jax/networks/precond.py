@@ -111,6 +111,7 @@ class Precond(nn.Module):
 
 class EDMPrecond(Precond):
   """Karras et al. preconditioning: c_in = 1/sqrt(s^2+sd^2), c_noise = ln(s)/4."""
+  model_type: str = 'DhariwalUNet'  # EDM's default for EDMPrecond (VP/VE default to SongUNet)
   sigma_min: float = 0.0
   sigma_max: float = float('inf')
   sigma_data: float = 0.5

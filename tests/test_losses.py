@@ -1,0 +1,289 @@
+"""generator_loss against the official SiD code (../shared/fixtures/sid_loss), the stop-gradient
+audit, the special cases against their published formulas, and the noise-level samplers."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import shared_path
+from uni_instruct_jax import divergences, losses
+from uni_instruct_jax.convert import load_edm_pickle
+
+TAGS = {"a1p2": 1.2, "a1": 1.0, "a0p5": 0.5}
+
+
+@pytest.fixture(scope="module")
+def sid_fixture():
+  ref = dict(np.load(shared_path("fixtures", "sid_loss", "sid-loss.npz")))
+  teacher, t_vars = load_edm_pickle(shared_path("fixtures", "edm", "ddpmpp-tiny-uncond.pkl"))
+  fake, f_vars = load_edm_pickle(shared_path("fixtures", "sid_loss", "fake-tiny-uncond.pkl"))
+  nhwc = lambda a: jnp.asarray(np.transpose(a, (0, 2, 3, 1)))
+  teacher_fn = lambda x, s: teacher.apply(t_vars, x, s)
+  fake_fn = lambda x, s: fake.apply(f_vars, x, s)
+  return ref, nhwc, teacher_fn, fake_fn
+
+
+def _official_sid(alpha, **options):
+  return dict(mode="official", alpha=alpha, divergence="reverse_kl", **options)
+
+
+@pytest.mark.parametrize("tag", sorted(TAGS))
+def test_official_mode_reproduces_the_official_sid_loss(sid_fixture, tag):
+  ref, nhwc, teacher_fn, fake_fn = sid_fixture
+  x_g, sigma = nhwc(ref["x_g"]), jnp.asarray(ref[f"gen_{tag}_sigma"])
+  noise = nhwc(ref[f"gen_{tag}_noise"])
+
+  def total(x):
+    per_sample = losses.generator_loss(x, sigma, noise, teacher_fn, fake_fn, None,
+                                       **_official_sid(TAGS[tag]))
+    return per_sample.sum(), per_sample
+
+  (_, per_sample), grad = jax.jit(jax.value_and_grad(total, has_aux=True))(x_g)
+  want = ref[f"gen_{tag}_loss_per_sample"]
+  np.testing.assert_allclose(per_sample, want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+  want_grad = np.transpose(ref[f"gen_{tag}_grad_x_g"], (0, 2, 3, 1))
+  np.testing.assert_allclose(grad, want_grad, rtol=1e-4, atol=1e-5 * np.abs(want_grad).max())
+  if tag == "a1p2":  # the SiD preset is this configuration
+    sid = losses.generator_loss(x_g, sigma, noise, teacher_fn, fake_fn, None,
+                                **losses.method_options("sid"))
+    np.testing.assert_allclose(sid, per_sample, rtol=1e-5)  # eager vs jit round-off
+
+
+def test_fake_score_loss_reproduces_the_official_code(sid_fixture):
+  ref, nhwc, _, fake_fn = sid_fixture
+  got = losses.fake_score_loss(fake_fn, nhwc(ref["x_g"]), jnp.asarray(ref["fake_sigma"]),
+                               nhwc(ref["fake_noise"]))
+  np.testing.assert_allclose(got, ref["fake_loss_per_sample"], rtol=2e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# A small differentiable setup: linear "networks" with parameters, a parametric log-ratio.
+
+
+def _setup(seed=0, batch=5, dims=(4, 3)):
+  k = jax.random.split(jax.random.key(seed), 6)
+  x_g = jax.random.normal(k[0], (batch,) + dims)
+  noise = jax.random.normal(k[1], (batch,) + dims)
+  sigma = jnp.exp(jax.random.normal(k[2], (batch,)))
+  params = {"teacher": 1.0 + 0.1 * jax.random.normal(k[3], dims),
+            "fake": 1.0 + 0.1 * jax.random.normal(k[4], dims),
+            "ratio": 0.3 * jax.random.normal(k[5], dims),
+            "weight": jnp.linspace(0.5, 1.5, batch)}
+  return x_g, noise, sigma, params
+
+
+def _fns(params):
+  bc = lambda s, x: s.reshape((-1,) + (1,) * (x.ndim - 1))
+  teacher = lambda x, s: params["teacher"] * x / (1 + bc(s, x) ** 2)
+  fake = lambda x, s: params["fake"] * jnp.tanh(x) / (1 + bc(s, x) ** 2)
+  log_ratio = lambda x, s: jnp.sum(params["ratio"] * x, axis=tuple(range(1, x.ndim))) / 4
+  logits = lambda x, s: (params["ratio"] * x)[..., None]
+  return teacher, fake, log_ratio, logits
+
+
+CONFIGS = [dict(mode="exact", divergence=d) for d in divergences.names()] + [
+    dict(mode="official", divergence=d, alpha=1.0) for d in divergences.names()] + [
+    dict(mode="di", divergence="forward_kl", normalize_h=True, ratio_clip=(0.1, 20.0)),
+    dict(mode="exact", divergence="jeffreys", normalize=True, gan_weight=1e-2),
+    dict(mode="official", divergence="forward_kl", ratio_source="official_bce", gan_weight=1e-2)]
+
+
+@pytest.mark.parametrize("options", CONFIGS, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_stop_gradient_audit(options):
+  """Nothing flows into the teacher, fake, ratio or weight parameters; x_g gets a gradient."""
+  x_g, noise, sigma, params = _setup()
+
+  def objective(p, x):
+    teacher, fake, log_ratio, logits = _fns(p)
+    return jnp.sum(losses.generator_loss(x, sigma, noise, teacher, fake, log_ratio,
+                                         weight=p["weight"], logits_fn=logits, **options))
+
+  g_params, g_x = jax.grad(objective, argnums=(0, 1))(params, x_g)
+  for name, g in g_params.items():
+    np.testing.assert_array_equal(g, 0.0, err_msg=name)
+  assert float(jnp.abs(g_x).max()) > 0
+
+
+def test_gradient_flows_through_the_network_inputs():
+  """Besides the direct x_g path, the gradient goes through x_t into teacher_fn and fake_fn."""
+  x_g, noise, sigma, params = _setup(1)
+  teacher, fake, _, _ = _fns(params)
+  opts = _official_sid(1.2)
+  g = jax.grad(lambda x: losses.generator_loss(x, sigma, noise, teacher, fake, None, **opts).sum())
+  # Same loss with the network outputs computed from a constant x_t: only the direct path.
+  x_t = x_g + sigma[:, None, None] * noise
+  d_q, d_p = teacher(x_t, sigma), fake(x_t, sigma)
+  direct = lambda x: losses.generator_loss(x, sigma, noise, lambda *_: d_q, lambda *_: d_p, None,
+                                           **opts).sum()
+  assert float(jnp.abs(g(x_g) - jax.grad(direct)(x_g)).max()) > 1e-3
+
+
+# ------------------------------------------------------------------------------------------------
+# Special cases against their published formulas
+
+
+def _w_f(x_g, d_q):
+  return jnp.maximum(jnp.mean(jnp.abs(x_g - d_q), axis=(1, 2)), 1e-5)
+
+
+def _outputs(x_g, noise, sigma, params):
+  teacher, fake, log_ratio, logits = _fns(params)
+  x_t = x_g + sigma[:, None, None] * noise
+  return teacher, fake, log_ratio, logits, teacher(x_t, sigma), fake(x_t, sigma), x_t
+
+
+def test_sid_and_sida_match_their_formulas():
+  x_g, noise, sigma, params = _setup(2)
+  teacher, fake, _, logits, d_q, d_p, x_t = _outputs(x_g, noise, sigma, params)
+  delta = d_q - d_p
+  sid = lambda a: jnp.sum(delta * ((d_q - x_g) - a * delta), axis=(1, 2)) / _w_f(x_g, d_q)
+  got = losses.generator_loss(x_g, sigma, noise, teacher, fake, None, **losses.method_options("sid"))
+  np.testing.assert_allclose(got, sid(1.2), rtol=1e-5)
+  # SiDA (Zhou et al. 2024): 0.5 SiD(alpha 1) + 0.5 x 0.01/100 x C H W BCE_batch(logits, 1) / w_f.
+  got = losses.generator_loss(x_g, sigma, noise, teacher, fake, None, logits_fn=logits,
+                              **losses.method_options("sida"))
+  bce = jnp.mean(jax.nn.softplus(-jnp.clip(logits(x_t, sigma), -10, 10)))
+  want = 0.5 * sid(1.0) + 0.5e-4 * 12 * bce / _w_f(x_g, d_q)
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["diff_instruct", "dmd", "f_distill"])
+def test_distribution_matching_gradients(method):
+  """Diff-Instruct: grad_x_g = D_psi - D_q (denoiser units); DMD: / mean|x_g - D_q|;
+  f-distill: h(r) / mean(h) (D_psi - D_q) with r = exp(log r) clipped to [0.1, 20]."""
+  x_g, noise, sigma, params = _setup(3)
+  teacher, fake, log_ratio, _, d_q, d_p, x_t = _outputs(x_g, noise, sigma, params)
+  div = "forward_kl" if method == "f_distill" else None
+  opts = losses.method_options(method, div)
+  grad = jax.grad(lambda x: losses.generator_loss(x, sigma, noise, teacher, fake, log_ratio,
+                                                  **opts).sum())(x_g)
+  want = d_p - d_q
+  if method == "dmd":
+    want = want / _w_f(x_g, d_q)[:, None, None]
+  if method == "f_distill":
+    h = jnp.clip(jnp.exp(log_ratio(x_t, sigma)), 0.1, 20.0)  # H(r) = r for forward KL
+    want = want * (h / h.mean())[:, None, None]
+  np.testing.assert_allclose(grad, want, rtol=1e-5, atol=1e-6)
+
+
+def test_official_weights_jeffreys_mix_and_per_sample_di_terms():
+  x_g, noise, sigma, params = _setup(4)
+  teacher, fake, log_ratio, _, d_q, d_p, x_t = _outputs(x_g, noise, sigma, params)
+  r = jnp.exp(log_ratio(x_t, sigma))
+  delta = d_q - d_p
+  l_sid = jnp.sum(delta * ((d_q - x_g) - delta), axis=(1, 2)) / _w_f(x_g, d_q)
+  norm = jnp.sqrt(jnp.sum(delta ** 2, axis=(1, 2)))
+  di = jnp.sum(x_g * delta, axis=(1, 2)) * norm
+  want = {"jeffreys": (0.4 * r + 0.6) * l_sid,                  # the code's JKL mix
+          "forward_kl": r * l_sid,
+          "pearson_chi2": 2 * r ** 2 * l_sid - 4 * r ** 2 * di,   # per sample: no crash
+          "jensen_shannon": r / (1 + r) * l_sid + 2 * r ** 2 / (1 + r) ** 3 * di}
+  for name, expected in want.items():
+    got = losses.generator_loss(x_g, sigma, noise, teacher, fake, log_ratio, mode="official",
+                                divergence=name, alpha=1.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_official_bce_ratio_reproduces_the_released_code():
+  """r = -L/(1-L) (FKL) from L_i = C H W BCE_batch / w_f,i: a number close to 1, as in the code."""
+  x_g, noise, sigma, params = _setup(5)
+  teacher, fake, _, logits, d_q, d_p, x_t = _outputs(x_g, noise, sigma, params)
+  _, aux = losses.generator_loss(x_g, sigma, noise, teacher, fake, None, mode="official",
+                                 divergence="forward_kl", ratio_source="official_bce",
+                                 logits_fn=logits, return_aux=True)
+  big_l = 12 * jnp.mean(jax.nn.softplus(-jnp.clip(logits(x_t, sigma), -10, 10))) / _w_f(x_g, d_q)
+  np.testing.assert_allclose(aux["r_mean"], jnp.mean(-big_l / (1 - big_l)), rtol=1e-5)
+
+
+def test_nan_samples_are_dropped_and_counted():
+  x_g, noise, sigma, params = _setup(6)
+  teacher, fake, log_ratio, _ = _fns(params)
+  x_bad = x_g.at[2].set(jnp.nan)
+  loss, aux = losses.generator_loss(x_bad, sigma, noise, teacher, fake, log_ratio,
+                                    divergence="jeffreys", return_aux=True)
+  assert int(aux["nan_count"]) == 1 and float(loss[2]) == 0.0 and np.isfinite(loss).all()
+  clean = losses.generator_loss(x_g, sigma, noise, teacher, fake, log_ratio, divergence="jeffreys")
+  np.testing.assert_allclose(np.delete(loss, 2), np.delete(clean, 2), rtol=1e-6)
+
+
+def test_bad_inputs_raise_clear_errors():
+  x_g, noise, sigma, params = _setup(7)
+  teacher, fake, log_ratio, _ = _fns(params)
+  with pytest.raises(ValueError, match="mode"):
+    losses.generator_loss(x_g, sigma, noise, teacher, fake, log_ratio, "jeffreys", mode="nope")
+  with pytest.raises(ValueError, match="noise shape"):
+    losses.generator_loss(x_g, sigma, noise[:, :2], teacher, fake, log_ratio, "jeffreys")
+  with pytest.raises(ValueError, match="log_ratio_fn or logits_fn"):
+    losses.generator_loss(x_g, sigma, noise, teacher, fake, None, "jeffreys")
+  with pytest.raises(ValueError, match="logits_fn is required"):
+    losses.generator_loss(x_g, sigma, noise, teacher, fake, None, "reverse_kl", gan_weight=1.0)
+  with pytest.raises(ValueError, match="unknown method"):
+    losses.method_options("sid2")
+
+
+# ------------------------------------------------------------------------------------------------
+# Noise levels
+
+
+def test_noise_level_samplers():
+  fake = np.log(np.asarray(losses.sample_fake_sigma(jax.random.key(0), 200_000)))
+  assert abs(fake.mean() + 1.2) < 0.01 and abs(fake.std() - 1.2) < 0.01
+  gen = np.asarray(losses.sample_generator_sigma(jax.random.key(1), 200_000, tmax=800))
+  assert 0.002 <= gen.min() < 0.0025 and 24.0 < gen.max() <= 24.42
+  # t ~ U[0, 0.8] on the Karras schedule: the median noise level is sigma(0.4).
+  np.testing.assert_allclose(np.median(gen), losses.karras_sigma(0.4), rtol=0.02)
+  np.testing.assert_allclose(losses.karras_sigma(jnp.asarray([0.0, 0.8, 1.0])),
+                             [0.002, 24.41, 80.0], rtol=1e-3)
+  with pytest.raises(ValueError, match="tmax"):
+    losses.sample_generator_sigma(jax.random.key(0), 4, tmax=0)
+
+
+def test_exact_reverse_kl_is_twice_sid_with_half_alpha_and_no_normaliser():
+  x_g, noise, sigma, params = _setup(8)
+  teacher, fake, _, _, d_q, d_p, _ = _outputs(x_g, noise, sigma, params)
+  delta = d_q - d_p
+  want = 2 * jnp.sum(delta * ((d_q - x_g) - 0.5 * delta), axis=(1, 2))
+  got = losses.generator_loss(x_g, sigma, noise, teacher, fake, None, "reverse_kl", mode="exact")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_discriminator_loss_and_log_ratio():
+  k1, k2, k3 = jax.random.split(jax.random.key(9), 3)
+  real = 3 * jax.random.normal(k1, (4, 2, 2, 1))
+  fake = 3 * jax.random.normal(k2, (4, 2, 2, 1))
+  sigma = jnp.exp(jax.random.normal(k3, (4,)))
+  bce = 0.5 * (jnp.mean(jax.nn.softplus(-real), axis=(1, 2, 3))
+               + jnp.mean(jax.nn.softplus(fake), axis=(1, 2, 3)))
+  np.testing.assert_allclose(losses.discriminator_loss(real, fake, sigma),
+                             losses.edm_weight(sigma) * bce, rtol=1e-6)
+  np.testing.assert_allclose(losses.discriminator_loss(real, fake, sigma, batch_mean=True),
+                             losses.edm_weight(sigma) * bce.mean(), rtol=1e-6)
+  features = jnp.stack([jnp.full((2, 2, 8), v) for v in (-20.0, 0.5, 30.0)])
+  logits = losses.discriminator_logits(features)
+  assert logits.shape == (3, 2, 2, 1)
+  np.testing.assert_allclose(losses.log_ratio_from_logits(logits), [-10.0, 0.5, 10.0])
+
+
+def test_jit_vmap_shapes_and_no_tracer_leaks():
+  x_g, noise, sigma, params = _setup(10)
+  teacher, fake, log_ratio, logits = _fns(params)
+
+  def loss(x, n, s):
+    return losses.generator_loss(x, s, n, teacher, fake, log_ratio, "jensen_shannon",
+                                 logits_fn=logits, gan_weight=1e-2, normalize=True)
+
+  with jax.checking_leaks():
+    eager = loss(x_g, noise, sigma)
+    jitted = jax.jit(loss)(x_g, noise, sigma)
+    grads = jax.jit(jax.grad(lambda x: loss(x, noise, sigma).sum()))(x_g)
+  chex.assert_shape(eager, (5,))
+  chex.assert_trees_all_close(jitted, eager, rtol=1e-5, atol=1e-6)
+  chex.assert_tree_all_finite(grads)
+  chex.assert_equal_shape([grads, x_g])
+  # vmap over two independent batches equals two separate calls.
+  stacked = jax.vmap(loss)(jnp.stack([x_g, -x_g]), jnp.stack([noise, noise]),
+                           jnp.stack([sigma, sigma]))
+  chex.assert_trees_all_close(stacked, jnp.stack([eager, loss(-x_g, noise, sigma)]), rtol=1e-5,
+                              atol=1e-6)
