@@ -268,6 +268,19 @@ def test_tiny_run_on_shared_jpeg_zip(tmp_path):
   proc = run_main(*args, "--mode=eval", f"--config.eval.ref={ref}")
   assert proc.returncode == 2 and "pt_inception-2015-12-05" in proc.stderr.splitlines()[-1]
 
+  # Evaluation during training: every tick, the best state kept besides the latest ones.
+  fid_dir = tmp_path / "with_eval"
+  proc = run_main("--config=configs/tiny.py", f"--workdir={fid_dir}",
+                  f"--config.data.path={zip_path}", *proxy, "--config.eval.every_ticks=1",
+                  f"--config.eval.ref={ref}", "--config.eval.num_samples=128")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  evals = [json.loads(l) for l in (fid_dir / "metrics.jsonl").read_text().splitlines()
+           if "proxy_fd_resnet56" in l]
+  assert len(evals) == 2 and all(e["proxy_fd_resnet56"] > 0 for e in evals)
+  best = [p.name for p in (fid_dir / "checkpoints-best").iterdir() if p.name.isdigit()]
+  assert len(best) == 1 and int(best[0]) in (2, 4)
+  assert (fid_dir / "checkpoints" / "4").is_dir()
+
 
 @pytest.mark.slow
 def test_tiny_run_on_mock_tfds(tmp_path):
@@ -287,6 +300,7 @@ import jax, numpy as np, runpy
 from uni_instruct_jax import train
 config = runpy.run_path('configs/tiny.py')['get_config']()
 config.data.path = sys.argv[2]
+config.mesh.model_parallelism = int(sys.argv[3])
 summary = train.train_and_evaluate(config, sys.argv[1])
 run = train.setup(config, sys.argv[1])
 leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
@@ -298,22 +312,27 @@ print(json.dumps({'devices': jax.device_count()}))
 
 @pytest.mark.slow
 def test_one_and_eight_devices_agree(tmp_path):
+  """The tiny run on 1 device, on 8 (batch split), and on 4 x 2 (parameters sharded too)."""
   zip_path = str(shared_path("data", "cifar10-test-jpeg.zip"))
   results = {}
-  for devices in (1, 8):
-    workdir = tmp_path / f"d{devices}"
+  # (devices, model_parallelism): 1 device; 8 on 'data'; 4 on 'data' x 2 sharding parameters.
+  for devices, model in ((1, 1), (8, 1), (8, 2)):
+    workdir = tmp_path / f"d{devices}m{model}"
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    proc = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(workdir), zip_path], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT, str(workdir), zip_path,
+                           str(model)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(proc.stdout.strip().splitlines()[-1])["devices"] == devices
     metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    results[devices] = (dict(np.load(workdir / "final.npz")), metrics)
-  (p1, m1), (p8, m8) = results[1], results[8]
-  assert p1.keys() == p8.keys()
-  for key in p1:
-    np.testing.assert_allclose(p8[key], p1[key], rtol=1e-4, atol=1e-4, err_msg=key)
-  for r1, r8 in zip(m1, m8):
-    for key in ("loss_fake", "loss_gen", "loss_disc", "r_mean", "w_f_mean"):
-      np.testing.assert_allclose(r8[key], r1[key], rtol=1e-3, atol=1e-5, err_msg=key)
+    results[devices, model] = (dict(np.load(workdir / "final.npz")), metrics)
+  p1, m1 = results[1, 1]
+  for other in ((8, 1), (8, 2)):
+    p8, m8 = results[other]
+    assert p1.keys() == p8.keys()
+    for key in p1:
+      np.testing.assert_allclose(p8[key], p1[key], rtol=1e-4, atol=1e-4, err_msg=f"{other} {key}")
+    for r1, r8 in zip(m1, m8):
+      for key in ("loss_fake", "loss_gen", "loss_disc", "r_mean", "w_f_mean"):
+        np.testing.assert_allclose(r8[key], r1[key], rtol=1e-3, atol=1e-5, err_msg=f"{other} {key}")
