@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
-from uni_instruct_jax import losses
 from uni_instruct_jax import train
 from uni_instruct_jax import train_state as ts
 

@@ -16,7 +16,6 @@ import json
 import math
 import pathlib
 import resource
-import sys
 import time
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -533,8 +532,8 @@ def build_image_nets(config, dataset=None):
   gen_params = variables["params"]
   if config.generator.init == "sid":  # SiD-init: the generator starts from a distilled network
     path = config.generator.sid_path
-    sid_module, sid_vars = _load_teacher("pkl" if str(path).endswith(".pkl") else "converted",
-                                         path, config)
+    _, sid_vars = _load_teacher("pkl" if str(path).endswith(".pkl") else "converted",
+                                path, config)
     if jax.tree.structure(sid_vars["params"]) != jax.tree.structure(gen_params):
       raise SetupError(f"SiD-init generator {path!r} does not have the teacher's architecture")
     gen_params = sid_vars["params"]

@@ -6,7 +6,6 @@ the images seen and the base RNG key (raw uint32 key data, so it checkpoints lik
 """
 
 import hashlib
-import json
 import pathlib
 from typing import Any, Dict, Optional, Tuple
 
@@ -134,7 +133,3 @@ def abstract_like(state: TrainState, shardings: Any) -> TrainState:
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       state, shardings)
 
-
-def json_dumps(obj: Any) -> str:
-  """Compact deterministic JSON."""
-  return json.dumps(obj, sort_keys=True, separators=(",", ":"))

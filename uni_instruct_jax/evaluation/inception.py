@@ -21,7 +21,7 @@ Preprocessing (`resize_mode`):
 
 import functools
 import pathlib
-from typing import Mapping, Sequence, Tuple
+from typing import Mapping
 
 import flax.linen as nn
 import jax
