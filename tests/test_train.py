@@ -152,6 +152,43 @@ def test_bad_input_is_one_line_and_exit_2(case, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------
+# Teacher sources and SiD-init
+
+
+def test_teacher_sources_and_sid_init(tmp_path):
+  from uni_instruct_jax import checkpoint
+  from uni_instruct_jax.convert import convert_edm_pickle
+  pkl = str(shared_path("fixtures", "edm", "ddpmpp-tiny-uncond.pkl"))
+  fake_pkl = str(shared_path("fixtures", "sid_loss", "fake-tiny-uncond.pkl"))
+  _, variables, metadata = convert_edm_pickle(pkl)
+  converted = checkpoint.save_teacher(tmp_path / "teacher", variables, metadata)
+  x = jax.random.normal(jax.random.key(0), (2, 16, 16, 3))
+  sigma = jnp.asarray([0.5, 3.0])
+  outputs = {}
+  for source, path in (("pkl", pkl), ("converted", str(converted))):
+    config = load_config("cifar10.py", teacher__source=source, teacher__path=path)
+    nets, frozen, init_params = train.build_image_nets(config)
+    assert nets.data_shape == (16, 16, 3) and nets.label_dim == 0
+    outputs[source] = nets.teacher(frozen["teacher"], x, sigma, None)
+    gen, fake = init_params(None)
+    assert _max_diff(gen, frozen["teacher"]["params"]) == 0.0 == _max_diff(fake, gen)
+  np.testing.assert_array_equal(outputs["pkl"], outputs["converted"])
+  # SiD-init: the generator starts from the given network, the fake score from the teacher.
+  config = load_config("cifar10.py", teacher__path=pkl, generator__init="sid",
+                       generator__sid_path=fake_pkl)
+  _, frozen, init_params = train.build_image_nets(config)
+  gen, fake = init_params(None)
+  assert _max_diff(fake, frozen["teacher"]["params"]) == 0.0 < _max_diff(gen, fake)
+  # An architecture mismatch and a bad init name are setup errors.
+  config = load_config("cifar10.py", teacher__path=pkl, generator__init="sid",
+                       generator__sid_path=str(shared_path("fixtures", "edm", "adm-tiny-cond.pkl")))
+  with pytest.raises(train.SetupError, match="architecture"):
+    train.build_image_nets(config)
+  with pytest.raises(train.SetupError, match="generator.init"):
+    train.build_image_nets(load_config("cifar10.py", teacher__path=pkl, generator__init="x"))
+
+
+# ------------------------------------------------------------------------------------------------
 # Step semantics (toy nets: cheap)
 
 
