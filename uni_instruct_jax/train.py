@@ -565,6 +565,7 @@ class Run:
   tick_steps: int
   mixture: Any                  # toy.GaussianMixture or None.
   detector: Any = None          # FID detector when eval.every_ticks > 0.
+  jit_cache: Dict[str, Callable] = dataclasses.field(default_factory=dict)  # see _jitted.
 
 
 def _steps(config) -> Tuple[int, int]:
@@ -759,6 +760,13 @@ def _status_line(record: Dict[str, Any], total_kimg: float) -> str:
   return " | ".join(parts)
 
 
+def _jitted(run: Run, name: str, fn: Callable) -> Callable:
+  """jax.jit(fn), made once per run under `name`, so snapshots and evaluations compile once."""
+  if name not in run.jit_cache:
+    run.jit_cache[name] = jax.jit(fn)
+  return run.jit_cache[name]
+
+
 def _sample_ema(run: Run, num: int, seed: int) -> np.ndarray:
   """num one-step samples [num, *data_shape] of the EMA generator (fixed seed; labels cycle)."""
   key = jax.random.key(seed)
@@ -766,10 +774,9 @@ def _sample_ema(run: Run, num: int, seed: int) -> np.ndarray:
   labels = None
   if run.nets.label_dim:
     labels = jax.nn.one_hot(jnp.arange(num) % run.nets.label_dim, run.nets.label_dim)
-  ema = parallel.to_host(run.state.ema_params)
-  out = jax.jit(lambda p, z, l: generate(run.nets, p, run.frozen["buffers"], z, l,
-                                         run.config.training.sigma_init))(ema, z, labels)
-  return np.asarray(out)
+  sample = _jitted(run, "sample_ema", lambda p, b, z, l: generate(
+      run.nets, p, b, z, l, run.config.training.sigma_init))
+  return parallel.to_host(sample(run.state.ema_params, run.frozen["buffers"], z, labels))
 
 
 def write_snapshot(run: Run, name: str) -> pathlib.Path:
@@ -922,15 +929,15 @@ def _detector(config, mesh):
 def _generator_batches(run: Run, params: Any, num: int, batch_size: int, seed: int):
   """uint8 [batch_size, H, W, C] one-step samples of `params`; batch i uses key fold_in(seed, i)
   for its latents and (conditional nets) random labels, so every evaluation sees the same seeds."""
-  def gen(p, key):
-    denoise = lambda x, s, c: _apply(run.nets.gen, p, run.frozen["buffers"], x, s, c,
-                                     train=False, key=None)
+  def gen(p, buffers, key):
+    denoise = lambda x, s, c: _apply(run.nets.gen, p, buffers, x, s, c, train=False, key=None)
     return sampling.to_uint8(sampling.one_step_generate(
         denoise, key, batch_size, run.nets.data_shape, label_dim=run.nets.label_dim,
         sigma_init=run.config.training.sigma_init))
-  gen = jax.jit(gen)
+  gen = _jitted(run, f"generate_uint8_{batch_size}", gen)
   for i in range(-(-num // batch_size)):
-    yield np.asarray(gen(params, jax.random.fold_in(jax.random.key(seed), i)))
+    yield parallel.to_host(gen(params, run.frozen["buffers"],
+                               jax.random.fold_in(jax.random.key(seed), i)))
 
 
 def _teacher_batches(run: Run, num: int, batch_size: int, seed: int, num_steps: int):
