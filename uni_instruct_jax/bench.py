@@ -124,7 +124,8 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
   # Past warm-up and the SiD-only phase: the generator runs the configured divergence branch.
   late = int(max(step_cfg.sid_images, step_cfg.warmup_images, 0)) + batch
   state = jax.jit(fresh_state, out_shardings=state_shardings)(params)
-  state = state.replace(images_seen=jnp.asarray(late, jnp.int32))
+  state = state.replace(images_seen=jax.device_put(jnp.asarray(late, jnp.int32),
+                                                   state_shardings.images_seen))
 
   shardings = (state_shardings, parallel.data_sharding(mesh), jax.tree.map(lambda _: replicated,
                                                                            frozen))
