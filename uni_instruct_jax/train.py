@@ -466,10 +466,10 @@ def _build_toy(config, mixture):
   return nets, {"teacher": {}, "buffers": {}}, init_params
 
 
-def _load_teacher(source: str, path: str, config):
+def _load_teacher(source: str, path: str, config, what: str = "config.teacher.path"):
   """(module, variables) of an image network: source 'random' (config.network, variables None),
   'pkl' (an EDM snapshot at `path`) or 'converted' (a directory from uni_instruct_jax.convert),
-  computing in config.network.dtype."""
+  computing in config.network.dtype; `what` names the path's config field in errors."""
   dtype = jnp.dtype(config.network.dtype)
   if source == "random":
     from uni_instruct_jax.networks import build_network  # pylint: disable=g-import-not-at-top
@@ -478,7 +478,7 @@ def _load_teacher(source: str, path: str, config):
   elif source not in ("pkl", "converted"):
     raise SetupError(f"config.teacher.source must be pkl|converted|random|toy, got {source!r}")
   elif not path or not pathlib.Path(path).exists():
-    raise SetupError(f"network path {path!r} does not exist (source {source!r})")
+    raise SetupError(f"{what} {path!r} does not exist (source {source!r})")
   else:
     try:
       if source == "pkl":
@@ -488,7 +488,7 @@ def _load_teacher(source: str, path: str, config):
         from uni_instruct_jax.checkpoint import load_teacher  # pylint: disable=g-import-not-at-top
         module, variables = load_teacher(path, dtype=dtype)
     except (ValueError, OSError, KeyError) as e:
-      raise SetupError(f"cannot load {path!r}: {e}") from e
+      raise SetupError(f"cannot load {what} {path!r}: {e}") from e
   if config.network.attn_implementation:
     module = module.clone(attn_implementation=config.network.attn_implementation)
   return module, variables
@@ -533,7 +533,7 @@ def build_image_nets(config, dataset=None):
   if config.generator.init == "sid":  # SiD-init: the generator starts from a distilled network
     path = config.generator.sid_path
     _, sid_vars = _load_teacher("pkl" if str(path).endswith(".pkl") else "converted",
-                                path, config)
+                                path, config, "config.generator.sid_path")
     if jax.tree.structure(sid_vars["params"]) != jax.tree.structure(gen_params):
       raise SetupError(f"SiD-init generator {path!r} does not have the teacher's architecture")
     gen_params = sid_vars["params"]
