@@ -613,7 +613,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise SetupError(f"--workdir {workdir} exists and is not a directory")
-  step_config(config)  # validates the batch split and the divergence schedule
+  step_cfg = step_config(config)  # validates the batch split and the divergence schedule
   batch = config.training.batch_size
   micro = config.training.micro_batch_size or batch
   try:
@@ -651,9 +651,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
     nets, frozen, init_params = build_image_nets(config, dataset)
 
   gen_tx, fake_tx = make_optimizers(config)
+  augment_pipe = make_augment_pipe(config)
   try:
-    train_step = make_step_fns(nets, step_config(config), gen_tx, fake_tx,
-                               make_augment_pipe(config)).train_step
+    train_step = make_step_fns(nets, step_cfg, gen_tx, fake_tx, augment_pipe).train_step
   except (ValueError, KeyError) as e:
     raise SetupError(f"config.loss: {e}") from e
 
