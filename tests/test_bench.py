@@ -15,7 +15,7 @@ import pytest
 from conftest import shared_path
 from uni_instruct_jax import bench
 from uni_instruct_jax import parallel
-from uni_instruct_jax import train
+from uni_instruct_jax import builders
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_bench_cli_smoke_on_tiny():
   assert set(steps) == {"fake_score", "generator", "iteration"}
   assert all(v > 0 for v in steps.values()) and record["sample_images_per_sec"] > 0
   # One network of the tiny config.
-  nets, _, init_params = train.build_image_nets(tiny_config())
+  nets, _, init_params = builders.build_image_nets(tiny_config())
   gen_params, _ = init_params(None)
   assert record["params_m"] == pytest.approx(
       sum(x.size for x in jax.tree.leaves(gen_params)) / 1e6)
@@ -60,11 +60,11 @@ def test_bench_cli_smoke_on_tiny():
 
 
 def _loss_curve(config, workdir, steps):
-  run = train.setup(config, str(workdir))
+  run = builders.setup(config, str(workdir))
   state, curve = run.state, []
-  for _ in range(steps):
+  for step in range(steps):
     batch = parallel.global_batch(run.mesh, run.dataset.next())
-    state, metrics = run.step_fn(state, batch, run.frozen)
+    state, metrics = run.step_fn(state, batch, run.frozen, step * config.training.batch_size)
     curve.append({k: float(metrics[k]) for k in ("loss_fake", "loss_gen", "loss_disc")})
   run.checkpointer.close()
   return curve

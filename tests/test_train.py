@@ -1,6 +1,7 @@
 """The trainer: configs, one-line bad-input errors, step semantics, tiny image runs (shared JPEG
 zip and mock tfds), and 1 vs 8 devices."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -14,6 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import shared_path
+from uni_instruct_jax import builders
+from uni_instruct_jax import steps
 from uni_instruct_jax import train
 from uni_instruct_jax import train_state as ts
 
@@ -46,10 +49,10 @@ def test_every_config_loads_and_serialises(name):
   for section in ("training", "data", "teacher", "network", "loss", "optim", "ema", "ckpt", "eval"):
     assert section in config, section
   json.loads(config.to_json_best_effort())
-  train.parse_schedule(config.loss)
-  train.phase_options(train.StepConfig(
+  builders.parse_schedule(config.loss)
+  steps.phase_options(steps.StepConfig(
       batch_size=8, num_micro=1, sigma_init=2.5, warmup_images=0, sid_images=0,
-      schedule=train.parse_schedule(config.loss), method=config.loss.method,
+      schedule=builders.parse_schedule(config.loss), method=config.loss.method,
       mode=config.loss.mode, tmax=800, loss_scale=100.0,
       option_overrides=tuple(sorted(config.loss.overrides.to_dict().items())),
       fake_grad_clip=1.0, ema_halflife_kimg=500.0, ema_rampup=0.05))
@@ -67,8 +70,8 @@ def test_cifar10_configs_reproduce_the_published_recipe():
     assert c.network.kwargs.dropout == 0.13
     assert (c.loss.mode, c.loss.divergence, c.data.use_labels) == ("official", divergence, labels)
     assert c.fake_score.augment.enabled and c.fake_score.augment.p == 0.12
-    official = train.phase_options(train.StepConfig(
-        8, 1, 2.5, 0, 0, train.parse_schedule(c.loss), c.loss.method, c.loss.mode, 800, 100.0,
+    official = steps.phase_options(steps.StepConfig(
+        8, 1, 2.5, 0, 0, builders.parse_schedule(c.loss), c.loss.method, c.loss.mode, 800, 100.0,
         tuple(sorted(c.loss.overrides.to_dict().items())), 1.0, 500.0, 0.05))[1]
     assert official["mode"] == "official" and official["gan_weight"] > 0
 
@@ -79,15 +82,15 @@ def test_imagenet64_config():
   assert c.training.batch_size % c.training.micro_batch_size == 0
   assert c.optim.lr == c.optim.gen_lr == 4e-6
   assert c.network.dtype == "bfloat16" and c.loss.divergence == "forward_kl"
-  schedule = train.parse_schedule(load_config("imagenet64.py", loss__schedule=
+  schedule = builders.parse_schedule(load_config("imagenet64.py", loss__schedule=
                                               "0:reverse_kl,20000:forward_kl").loss)
   assert schedule == ((0, "reverse_kl"), (20_000_000, "forward_kl"))
 
 
 def test_schedule_rejects_bad_entries():
   for bad in ("0:nope", "abc", "x:reverse_kl"):
-    with pytest.raises(train.SetupError):
-      train.parse_schedule(load_config("cifar10.py", loss__schedule=bad).loss)
+    with pytest.raises(builders.SetupError):
+      builders.parse_schedule(load_config("cifar10.py", loss__schedule=bad).loss)
 
 
 @pytest.mark.parametrize("method,expect", [
@@ -99,8 +102,8 @@ def test_schedule_rejects_bad_entries():
 ])
 def test_special_cases_are_selectable_by_config(method, expect):
   c = load_config("cifar10.py", loss__method=method)
-  opts = train.phase_options(train.StepConfig(
-      8, 1, 2.5, 0, 0, train.parse_schedule(c.loss), c.loss.method, c.loss.mode, 800, 100.0,
+  opts = steps.phase_options(steps.StepConfig(
+      8, 1, 2.5, 0, 0, builders.parse_schedule(c.loss), c.loss.method, c.loss.mode, 800, 100.0,
       (), 1.0, 500.0, 0.05))[1]
   for key, value in expect.items():
     assert opts[key] == value, (key, opts[key])
@@ -167,7 +170,7 @@ def test_teacher_sources_and_sid_init(tmp_path):
   outputs = {}
   for source, path in (("pkl", pkl), ("converted", str(converted))):
     config = load_config("cifar10.py", teacher__source=source, teacher__path=path)
-    nets, frozen, init_params = train.build_image_nets(config)
+    nets, frozen, init_params = builders.build_image_nets(config)
     assert nets.data_shape == (16, 16, 3) and nets.label_dim == 0
     outputs[source] = nets.teacher(frozen["teacher"], x, sigma, None)
     gen, fake = init_params(None)
@@ -176,16 +179,16 @@ def test_teacher_sources_and_sid_init(tmp_path):
   # SiD-init: the generator starts from the given network, the fake score from the teacher.
   config = load_config("cifar10.py", teacher__path=pkl, generator__init="sid",
                        generator__sid_path=fake_pkl)
-  _, frozen, init_params = train.build_image_nets(config)
+  _, frozen, init_params = builders.build_image_nets(config)
   gen, fake = init_params(None)
   assert _max_diff(fake, frozen["teacher"]["params"]) == 0.0 < _max_diff(gen, fake)
   # An architecture mismatch and a bad init name are setup errors.
   config = load_config("cifar10.py", teacher__path=pkl, generator__init="sid",
                        generator__sid_path=str(shared_path("fixtures", "edm", "adm-tiny-cond.pkl")))
-  with pytest.raises(train.SetupError, match="architecture"):
-    train.build_image_nets(config)
-  with pytest.raises(train.SetupError, match="generator.init"):
-    train.build_image_nets(load_config("cifar10.py", teacher__path=pkl, generator__init="x"))
+  with pytest.raises(builders.SetupError, match="architecture"):
+    builders.build_image_nets(config)
+  with pytest.raises(builders.SetupError, match="generator.init"):
+    builders.build_image_nets(load_config("cifar10.py", teacher__path=pkl, generator__init="x"))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -195,18 +198,30 @@ def test_teacher_sources_and_sid_init(tmp_path):
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
   config = load_config("toy2d.py", teacher__fit_steps=10, training__batch_size=64)
-  return train.setup(config, str(tmp_path_factory.mktemp("toy")))
+  return builders.setup(config, str(tmp_path_factory.mktemp("toy")))
 
 
 def _max_diff(a, b):
   return max(float(jnp.abs(x - y).max()) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+def test_phase_at_selects_warmup_sid_and_each_schedule_entry():
+  cfg = steps.StepConfig(64, 1, 2.5, warmup_images=100, sid_images=200,
+                         schedule=((0, "reverse_kl"), (300, "forward_kl"), (500, "jeffreys")),
+                         method="uni_instruct", mode="exact", tmax=800, loss_scale=1.0,
+                         option_overrides=(), fake_grad_clip=1.0, ema_halflife_kimg=500.0,
+                         ema_rampup=0.05)
+  phases = [steps.phase_at(n, cfg) for n in (0, 99, 100, 199, 200, 299, 300, 499, 500, 10 ** 9)]
+  assert phases == [0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
+  late_start = dataclasses.replace(cfg, schedule=((1000, "reverse_kl"),))
+  assert [steps.phase_at(n, late_start) for n in (200, 999, 1000)] == [1, 1, 2]
+
+
 def test_warmup_step_trains_only_the_fake_score_and_updates_ema(toy_run):
   run = toy_run
   batch = {k: jnp.asarray(v) for k, v in run.dataset.next().items()}
   state0 = jax.device_get(run.state)  # host copy: the step donates its input buffers
-  state1, metrics = run.step_fn(jax.tree.map(jnp.asarray, state0), batch, run.frozen)
+  state1, metrics = run.step_fn(jax.tree.map(jnp.asarray, state0), batch, run.frozen, 0)
   assert float(metrics["generator_phase"]) == 0.0
   assert _max_diff(state1.gen_params, state0.gen_params) == 0.0
   assert _max_diff(state1.fake_params, state0.fake_params) > 0.0
@@ -219,10 +234,25 @@ def test_warmup_step_trains_only_the_fake_score_and_updates_ema(toy_run):
 
   # Past the warm-up and the SiD-only phase the generator moves, and the phase index says so.
   late = jax.tree.map(jnp.asarray, state0).replace(images_seen=jnp.asarray(10 ** 6, jnp.int32))
-  state2, metrics2 = run.step_fn(late, batch, run.frozen)
+  state2, metrics2 = run.step_fn(late, batch, run.frozen, 10 ** 6)
   assert float(metrics2["generator_phase"]) == 2.0
   assert _max_diff(state2.gen_params, state0.gen_params) > 0.0
   assert np.isfinite(float(metrics2["loss_gen"]))
+
+
+@pytest.mark.slow
+def test_one_compilation_per_phase_run(tmp_path):
+  """A toy run through warm-up, SiD-only and two schedule entries compiles the step 4 times."""
+  config = load_config("toy2d.py", teacher__fit_steps=10, training__batch_size=64,
+                       network__kwargs=dict(hidden=(32,), emb_channels=16, dropout=0.0),
+                       training__total_kimg=0.512, training__tick_kimg=0.256,
+                       loss__warmup_kimg=0.064, loss__sid_kimg=0.128,
+                       loss__schedule="0:reverse_kl,0.256:forward_kl")
+  summary = train.train_and_evaluate(config, str(tmp_path))
+  assert summary["steps"] == 8 and summary["compilations"] == 4
+  phases = [json.loads(l)["generator_phase"]
+            for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert phases == [(0 + 1 + 2 + 2) / 4, 3.0]
 
 
 def test_gradient_accumulation_equals_the_full_batch_mean():
@@ -234,8 +264,8 @@ def test_gradient_accumulation_equals_the_full_batch_mean():
     g = jax.grad(lambda q: jnp.mean((mb["x"] @ q["w"]) ** 2))(p)
     return g, {"n": jnp.asarray(mb["x"].shape[0], jnp.float32)}
 
-  full = train._accumulate(grad_fn, params, batch, jax.random.key(0), 1)
-  micro = train._accumulate(grad_fn, params, batch, jax.random.key(0), 4)
+  full = steps._accumulate(grad_fn, params, batch, jax.random.key(0), 1)
+  micro = steps._accumulate(grad_fn, params, batch, jax.random.key(0), 4)
   np.testing.assert_allclose(micro[0]["w"], full[0]["w"], rtol=1e-6)
   assert float(micro[1]["n"]) == 2.0
 
@@ -333,12 +363,12 @@ def test_tiny_run_on_mock_tfds(tmp_path):
 _DEVICE_SCRIPT = """
 import json, sys
 import jax, numpy as np, runpy
-from uni_instruct_jax import train
+from uni_instruct_jax import builders, train
 config = runpy.run_path('configs/tiny.py')['get_config']()
 config.data.path = sys.argv[2]
 config.mesh.model_parallelism = int(sys.argv[3])
 summary = train.train_and_evaluate(config, sys.argv[1])
-run = train.setup(config, sys.argv[1])
+run = builders.setup(config, sys.argv[1])
 leaves = {jax.tree_util.keystr(p): np.asarray(v) for p, v in
           jax.tree_util.tree_flatten_with_path((run.state.ema_params, run.state.fake_params))[0]}
 np.savez(sys.argv[1] + '/final.npz', **leaves)

@@ -16,10 +16,11 @@ every function, then times `--steps` calls of each and prints one JSON line:
   mfu                            achieved FLOP/s over PEAK_FLOPS[device_kind] (null if unknown).
 
 Timings exclude compilation and warm-up; every call is synchronised with block_until_ready.
-The generator update is timed past the warm-up phase (images_seen set beyond loss.sid_kimg) so
-that it runs the configured divergence + GAN branch.
+The generator update is timed in the phase past the warm-up and SiD-only ones (images_seen set
+beyond loss.sid_kimg; steps.phase_at), so that it runs the configured divergence + GAN loss.
 """
 
+import functools
 import json
 import sys
 import time
@@ -33,8 +34,10 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from uni_instruct_jax import builders
+from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import parallel
-from uni_instruct_jax import train
+from uni_instruct_jax import steps as steps_lib
 from uni_instruct_jax import train_state as ts
 
 FLAGS = flags.FLAGS
@@ -104,10 +107,11 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
   config.teacher.source = "random"
   batch = config.training.batch_size
   mesh = parallel.make_mesh(config.mesh.model_parallelism)
-  nets, frozen, init_params = train.build_image_nets(config)
-  step_cfg = train.step_config(config)
-  gen_tx, fake_tx = train.make_optimizers(config)
-  fns = train.make_step_fns(nets, step_cfg, gen_tx, fake_tx, train.make_augment_pipe(config))
+  nets, frozen, init_params = builders.build_image_nets(config)
+  step_cfg = builders.step_config(config)
+  gen_tx, fake_tx = builders.make_optimizers(config)
+  fns = steps_lib.make_step_fns(nets, step_cfg, gen_tx, fake_tx,
+                                builders.make_augment_pipe(config))
 
   def fresh_state(params):
     return ts.create_state(*params, gen_tx, fake_tx, config.seed)
@@ -121,17 +125,21 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
   labels = jax.nn.one_hot(jax.random.randint(key_c, (batch,), 0, max(nets.label_dim, 1)),
                           nets.label_dim)
   data = jax.device_put({"image": images, "label": labels}, parallel.data_sharding(mesh))
-  # Past warm-up and the SiD-only phase: the generator runs the configured divergence branch.
+  # Past warm-up and the SiD-only phase: the generator runs the configured divergence loss.
   late = int(max(step_cfg.sid_images, step_cfg.warmup_images, 0)) + batch
+  phase = steps_lib.phase_at(late, step_cfg)
   state = jax.jit(fresh_state, out_shardings=state_shardings)(params)
   state = state.replace(images_seen=jax.device_put(jnp.asarray(late, jnp.int32),
                                                    state_shardings.images_seen))
 
   shardings = (state_shardings, parallel.data_sharding(mesh), jax.tree.map(lambda _: replicated,
                                                                            frozen))
-  jitted = {name: jax.jit(getattr(fns, name), in_shardings=shardings,
-                          out_shardings=(state_shardings, replicated), donate_argnums=(0,))
-            for name in ("fake_score_update", "generator_update", "train_step")}
+  step_fns = {"fake_score_update": fns.fake_score_update,
+              "generator_update": functools.partial(fns.generator_update, phase=phase),
+              "train_step": functools.partial(fns.train_step, phase=phase)}
+  jitted = {name: jax.jit(fn, in_shardings=shardings, out_shardings=(state_shardings, replicated),
+                          donate_argnums=(0,))
+            for name, fn in step_fns.items()}
   compiled = {name: fn.lower(state, data, frozen).compile() for name, fn in jitted.items()}
 
   holder = {"state": state}
@@ -142,8 +150,8 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
 
   def generate(params, key):
     z = jax.random.normal(key, (batch,) + nets.data_shape, jnp.float32)
-    return train.generate(nets, params, frozen["buffers"], z, labels if nets.label_dim else None,
-                          config.training.sigma_init)
+    return nets_lib.generate(nets, params, frozen["buffers"], z,
+                             labels if nets.label_dim else None, config.training.sigma_init)
   sampler = jax.jit(generate).lower(state.ema_params, jax.random.key(0)).compile()
 
   seconds = {}

@@ -56,17 +56,21 @@ def main(argv):
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 brings it back.
     logging.set_verbosity(logging.WARNING)
   parallel.initialize_distributed()
-  from uni_instruct_jax import train  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from uni_instruct_jax import builders
+  from uni_instruct_jax import train
+  from uni_instruct_jax.evaluation import run as eval_run
+  # pylint: enable=g-import-not-at-top
   try:
     if FLAGS.mode == "train":
       train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "sample":
-      train.sample(FLAGS.config, FLAGS.workdir)
+      eval_run.sample(FLAGS.config, FLAGS.workdir)
     elif FLAGS.mode == "eval":
-      train.evaluate(FLAGS.config, FLAGS.workdir)
+      eval_run.evaluate(FLAGS.config, FLAGS.workdir)
     else:
-      train.make_reference(FLAGS.config, FLAGS.workdir)
-  except train.SetupError as e:
+      eval_run.make_reference(FLAGS.config, FLAGS.workdir)
+  except builders.SetupError as e:
     logging.flush()
     _fail(str(e))
 

@@ -1,0 +1,108 @@
+"""The toy run (teacher.source 'toy'): exact-mixture dataset, MLP nets fitted to the exact
+teacher, and the acceptance metrics. The mixture math itself is in `toy`."""
+
+import math
+from typing import Any, Callable, Dict, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from uni_instruct_jax import losses
+from uni_instruct_jax import nets as nets_lib
+from uni_instruct_jax import sampling
+from uni_instruct_jax import steps
+from uni_instruct_jax import toy
+from uni_instruct_jax.networks import mlp
+
+
+class ToyDataset:
+  """Endless exact samples of a toy mixture; deterministic per (seed, process, batch index)."""
+
+  def __init__(self, mixture, local_batch: int, seed: int, process_index: int,
+               state: Optional[Dict[str, Any]] = None):
+    self.mixture = mixture
+    self.local_batch = local_batch
+    self._key = jax.random.fold_in(jax.random.key(seed), process_index)
+    self._index = int((state or {}).get("batch_index", 0))
+    self._sample = jax.jit(mixture.sample, static_argnums=1)
+    self.label_dim = 0
+
+  def next(self) -> Dict[str, np.ndarray]:
+    x = np.asarray(self._sample(jax.random.fold_in(self._key, self._index), self.local_batch))
+    self._index += 1
+    return {"image": x, "label": np.zeros((self.local_batch, 0), np.float32)}
+
+  def state(self) -> Dict[str, Any]:
+    return {"batch_index": self._index}
+
+
+def _fit_to_teacher(module, params, teacher_fn: Callable, sample_fn: Callable, key,
+                    num_steps: int, batch: int, lr: float):
+  """Regresses an MLP denoiser onto the exact teacher (EDM-weighted, log-uniform sigma in
+  [0.002, 80]) so the toy generator and fake score start from "the teacher network"."""
+  tx = optax.adam(lr)
+
+  def loss_fn(p, k):
+    k_x, k_s, k_n = jax.random.split(k, 3)
+    x0 = sample_fn(k_x, batch)
+    sigma = jnp.exp(jax.random.uniform(k_s, (batch,), minval=math.log(0.002),
+                                       maxval=math.log(80.0)))
+    x = x0 + steps.noisy(jax.random.normal(k_n, x0.shape), sigma)
+    err = module.apply({"params": p}, x, sigma) - teacher_fn(x, sigma)
+    return jnp.mean(losses.edm_weight(sigma) * jnp.sum(jnp.square(err), axis=-1))
+
+  @jax.jit
+  def fit(p, k):
+    def body(carry, k_i):
+      p, opt = carry
+      grads = jax.grad(loss_fn)(p, k_i)
+      updates, opt = tx.update(grads, opt, p)
+      return (optax.apply_updates(p, updates), opt), None
+    (p, _), _ = jax.lax.scan(body, (p, tx.init(p)), jax.random.split(k, num_steps))
+    return p
+
+  return fit(params, key)
+
+
+def build_toy_nets(config, mixture):
+  """(Nets, frozen, init_params(key) -> (generator, fake-score) params) for the toy: exact
+  teacher; generator and fake score both start from an MLP denoiser fitted to it."""
+  kwargs = dict(config.network.kwargs)
+  module = mlp.MLPPrecond(dim=mixture.dim, sigma_data=mixture.data_std, dtype=jnp.float32,
+                          **{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                             for k, v in kwargs.items()})
+  nets = nets_lib.Nets(gen=module, fake=module,
+                       teacher=lambda _, x, s, labels: mixture.denoiser(x, s),
+                       data_shape=(mixture.dim,), label_dim=0)
+
+  def init_params(key):
+    k_init, k_fit = jax.random.split(key)
+    x = jnp.zeros((1, mixture.dim))
+    params = module.init(k_init, x, jnp.ones((1,)))["params"]
+    fitted = _fit_to_teacher(module, params, mixture.denoiser, mixture.sample, k_fit,
+                             num_steps=config.teacher.fit_steps, batch=config.teacher.fit_batch,
+                             lr=config.teacher.fit_lr)
+    return fitted, fitted
+  return nets, {"teacher": {}, "buffers": {}}, init_params
+
+
+def toy_metrics(mixture: toy.GaussianMixture, sample_student: Callable[[int, int], np.ndarray],
+                num: int = 20_000) -> Dict[str, Any]:
+  """The embedded default's acceptance numbers (sliced W2 over 256 fixed directions);
+  sample_student(num, seed) -> [num, dim] samples of the EMA generator."""
+  data = np.asarray(mixture.sample(jax.random.key(10_001), num))
+  student = sample_student(num, 10_002)
+  latents = jax.random.normal(jax.random.key(10_003), (num, mixture.dim), jnp.float32)
+  teacher = np.asarray(sampling.heun_sampler(
+      lambda x, s, _: mixture.denoiser(x, s), latents, num_steps=18))
+  covered, _ = mixture.modes_covered(student)
+  return {
+      "metric_name": "sliced_w2",
+      "student_metric": toy.sliced_w2(student, data, 0, num_directions=256),
+      "teacher_metric": toy.sliced_w2(teacher, data, 0, num_directions=256),
+      "teacher_nfe": sampling.nfe(18),
+      "student_modes_covered": covered,
+      "num_modes": mixture.num_modes,
+  }
