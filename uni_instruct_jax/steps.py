@@ -126,7 +126,6 @@ class StepFns(NamedTuple):
   fake_score_update: Callable
   generator_update: Callable
   train_step: Callable        # fake_score_update, then generator_update.
-  num_phases: int
 
 
 def make_step_fns(nets: nets_lib.Nets, cfg: StepConfig, gen_tx: optax.GradientTransformation,
@@ -289,4 +288,4 @@ def make_step_fns(nets: nets_lib.Nets, cfg: StepConfig, gen_tx: optax.GradientTr
       metrics[key] = f_metrics[key] + g_metrics[key]
     return state, metrics
 
-  return StepFns(fake_score_update, generator_update, train_step, 1 + len(phase_opts))
+  return StepFns(fake_score_update, generator_update, train_step)
