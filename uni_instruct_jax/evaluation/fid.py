@@ -187,7 +187,8 @@ def load_statistics(path) -> FeatureStatistics:
   feats = data.get("features")
   if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]
                             or not np.issubdtype(feats.dtype, np.number)):
-    raise StatisticsError(f"{path}: features {feats.shape} {feats.dtype} do not match mu {mu.shape}")
+    raise StatisticsError(f"{path}: features {feats.shape} {feats.dtype} do not match "
+                          f"mu {mu.shape}")
   return FeatureStatistics(mu=mu, sigma=sigma, num_samples=num, metadata=meta, features=feats)
 
 
