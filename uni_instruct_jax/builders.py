@@ -15,6 +15,7 @@ import ml_collections
 from absl import logging
 
 from uni_instruct_jax import augment as augment_lib
+from uni_instruct_jax import config_schema
 from uni_instruct_jax import divergences
 from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import parallel
@@ -268,9 +269,10 @@ class Run:
   jit_cache: Dict[str, Callable] = dataclasses.field(default_factory=dict)  # see evaluation.run.
 
 
-def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
+def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = True) -> Run:
   """Validates inputs and builds the run; raises SetupError on bad input (nothing written yet
   except the workdir directory itself and, for a fresh run, config.json)."""
+  config_schema.validate(config)  # ConfigError: one line naming the key and its valid values
   workdir = pathlib.Path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise SetupError(f"--workdir {workdir} exists and is not a directory")
@@ -354,7 +356,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str) -> Run:
   workdir.mkdir(parents=True, exist_ok=True)
   config_json = config.to_json_best_effort(indent=2, sort_keys=True)
   config_path = workdir / "config.json"
-  if not config_path.exists() or config_path.read_text() != config_json:
+  if write_config and (not config_path.exists() or config_path.read_text() != config_json):
     config_path.write_text(config_json)
   if checkpointer is None:
     checkpointer = ts.Checkpointer(workdir, config.ckpt.keep)

@@ -3,28 +3,44 @@
   python -m uni_instruct_jax.main --config=configs/toy2d.py --workdir=/tmp/toy2d
   python -m uni_instruct_jax.main --config=configs/cifar10.py --workdir=W --config.loss.mode=exact
   python -m uni_instruct_jax.main --config=configs/cifar10.py --workdir=W --mode=sample
+  python -m uni_instruct_jax.main --config=configs/cifar10.py --mode=print_config
 
-Bad input (unknown config key, missing config file, missing teacher/data path, teacher/dataset
-mismatch, unreadable checkpoint) prints one `error: ...` line on stderr and exits with code 2
-before any compute.
+Modes: train (default; resumes from W's last checkpoint), sample, eval, ref, and print_config
+(every field of the resolved config with its description and valid values; no --workdir).
+Override any field with --config.SECTION.KEY=VALUE.
+
+Bad input (unknown config key, a value outside its documented range, missing config file, missing
+teacher/data path, teacher/dataset mismatch, unreadable checkpoint, unusable reference statistics)
+prints one `error: ...` line on stderr and exits with code 2 before any compute.
 """
 
 import os
+import re
+import runpy
 import sys
+from typing import Optional
 
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from uni_instruct_jax import config_schema
 from uni_instruct_jax import parallel
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
-                                lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples, summary.")
-flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "ref"], "What to run.")
-flags.mark_flags_as_required(["config", "workdir"])
+config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py). Override any field with "
+    "--config.SECTION.KEY=VALUE; --mode=print_config lists every field with its description.",
+    lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples, summary "
+                    "(required except for print_config).")
+flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "ref", "print_config"],
+                  "train: distil (resumes from the workdir); sample: EMA-generator images of the "
+                  "latest checkpoint; eval: FID (or proxy) vs config.eval.ref; ref: reference "
+                  "statistics of the data; print_config: print the resolved config with each "
+                  "field's description and valid values, then exit.")
+flags.mark_flags_as_required(["config"])
 
 EXIT_BAD_INPUT = 2
 
@@ -32,6 +48,35 @@ EXIT_BAD_INPUT = 2
 def _fail(message: str) -> None:
   print(f"error: {message}", file=sys.stderr, flush=True)
   sys.exit(EXIT_BAD_INPUT)
+
+
+def _unknown_key(argv) -> Optional[str]:
+  """'unknown config key ...' for the first --config.KEY override that the config file lacks,
+  with the closest existing keys; None if every override exists (or the file cannot be read)."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+  if spec is None:
+    return None
+  path, _, arg = spec.partition(":")
+  try:
+    get_config = runpy.run_path(path)["get_config"]
+    config = get_config(arg) if arg else get_config()
+  except Exception:  # pylint: disable=broad-except  (the caller reports the original error)
+    return None
+  for a in argv:
+    match = re.match(r"^--?(?:no)?config\.([^=]+)", a)
+    if not match:
+      continue
+    name, node = match.group(1), config
+    for part in name.split("."):
+      if not hasattr(node, "keys") or part not in node.keys():
+        close = config_schema.closest_keys(name, config)
+        hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+        if not close and name in config_schema.load_schema()[0]:
+          hint = (f" (documented, but {path} does not set it, so it cannot be overridden; set it "
+                  "in a config file)")
+        return f"unknown config key {name!r}{hint}"
+      node = node[part]
+  return None
 
 
 def _parse_flags(argv):
@@ -47,12 +92,26 @@ def _parse_flags(argv):
     _fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)
   except (OSError, ImportError, KeyError, AttributeError, ValueError, TypeError) as e:
     # config_flags raises these while loading or overriding the config file.
+    if isinstance(e, (KeyError, AttributeError)):
+      message = _unknown_key(argv)
+      if message:
+        _fail(message)
     _fail(f"--config: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
 
 
 def main(argv):
   if len(argv) > 1:
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if FLAGS.mode == "print_config":
+    print(config_schema.describe(FLAGS.config), flush=True)
+  try:
+    config_schema.validate(FLAGS.config)
+  except config_schema.ConfigError as e:
+    _fail(str(e))
+  if FLAGS.mode == "print_config":
+    return
+  if not FLAGS.workdir:
+    _fail(f"--workdir is required for --mode={FLAGS.mode}")
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 brings it back.
     logging.set_verbosity(logging.WARNING)
   parallel.initialize_distributed()
@@ -60,6 +119,7 @@ def main(argv):
   from uni_instruct_jax import builders
   from uni_instruct_jax import train
   from uni_instruct_jax.evaluation import run as eval_run
+  from uni_instruct_jax.evaluation.fid import StatisticsError
   # pylint: enable=g-import-not-at-top
   try:
     if FLAGS.mode == "train":
@@ -70,7 +130,7 @@ def main(argv):
       eval_run.evaluate(FLAGS.config, FLAGS.workdir)
     else:
       eval_run.make_reference(FLAGS.config, FLAGS.workdir)
-  except builders.SetupError as e:
+  except (builders.SetupError, config_schema.ConfigError, StatisticsError) as e:
     logging.flush()
     _fail(str(e))
 

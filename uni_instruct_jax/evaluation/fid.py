@@ -15,6 +15,8 @@ Conventions follow EDM (`fid.py`) and StyleGAN2-ADA/StyleGAN3 (`metrics/`):
 
 import dataclasses
 import pathlib
+import zipfile
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -155,24 +157,44 @@ def save_statistics(path, stats: FeatureStatistics) -> None:
 
 
 def load_statistics(path) -> FeatureStatistics:
-  """Reads an EDM fid-refs `.npz` (mu, sigma) or one written by `save_statistics`."""
+  """Reads an EDM fid-refs `.npz` (mu, sigma) or one written by `save_statistics`.
+
+  Raises FileNotFoundError for a missing file and StatisticsError (one line naming the file) for
+  anything that is not such a statistics file: not an .npz, pickled or non-numeric arrays, missing
+  or mis-shaped mu [D] / sigma [D, D], non-finite values, non-scalar metadata, bad features.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     raise FileNotFoundError(f"reference statistics not found: {path}")
   try:
-    with np.load(path, allow_pickle=False) as z:
+    loaded = np.load(path, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+      raise ValueError("a single .npy array, not an .npz archive")
+    with loaded as z:
       data = {k: z[k] for k in z.files}
-  except (ValueError, OSError) as e:
-    raise StatisticsError(f"{path} is not a readable .npz file: {e}") from e
+  except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    raise StatisticsError(f"{path} is not a readable .npz file: {_one_line(e)}") from e
   if "mu" not in data or "sigma" not in data:
     raise StatisticsError(f"{path} lacks keys mu and sigma (has {sorted(data)})")
-  mu, sigma = _check_stats(data["mu"], data["sigma"], str(path))
-  meta = {k[5:]: data[k].item() for k in data if k.startswith("meta_")}
+  try:
+    mu, sigma = _check_stats(data["mu"], data["sigma"], str(path))
+    meta = {k[5:]: data[k].item() for k in data if k.startswith("meta_")}
+    num = int(data["num_samples"]) if "num_samples" in data else None
+  except (ValueError, TypeError) as e:
+    if isinstance(e, StatisticsError):
+      raise
+    raise StatisticsError(f"{path}: malformed statistics ({_one_line(e)})") from e
   feats = data.get("features")
-  if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]):
-    raise StatisticsError(f"{path}: features {feats.shape} do not match mu {mu.shape}")
-  num = int(data["num_samples"]) if "num_samples" in data else None
+  if feats is not None and (feats.ndim != 2 or feats.shape[1] != mu.shape[0]
+                            or not np.issubdtype(feats.dtype, np.number)):
+    raise StatisticsError(f"{path}: features {feats.shape} {feats.dtype} do not match "
+                          f"mu {mu.shape}")
   return FeatureStatistics(mu=mu, sigma=sigma, num_samples=num, metadata=meta, features=feats)
+
+
+def _one_line(error: Exception) -> str:
+  text = str(error).strip()
+  return text.splitlines()[0] if text else type(error).__name__
 
 
 # ----------------------------------------------------------------------------- IS / KID / PR

@@ -16,6 +16,8 @@ from uni_instruct_jax import parallel
 from uni_instruct_jax import sampling
 from uni_instruct_jax import train_state as ts
 from uni_instruct_jax.evaluation import evaluate as ev
+from uni_instruct_jax.evaluation import fid as fid_lib
+from uni_instruct_jax.evaluation import refs
 
 
 def _jitted(run: builders.Run, name: str, fn: Callable) -> Callable:
@@ -59,7 +61,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
   (grid, or toy scatter) plus an .npz of config.sample.num_samples raw samples."""
   if not (pathlib.Path(workdir) / "checkpoints").exists():
     raise builders.SetupError(f"no checkpoints in --workdir {workdir}; train first")
-  run = builders.setup(config, workdir)
+  run = builders.setup(config, workdir, write_config=False)
   step = int(run.meta.get("step", 0))
   samples = sample_ema(run, config.sample.num_samples, config.sample.seed)
   out = run.workdir / f"samples-{step:08d}.npz"
@@ -140,11 +142,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   teacher's Heun sampler with eval.teacher_steps steps, or of the images at eval.images),
   written to W/eval-<kimg>.json and appended to W/metrics.jsonl."""
   cfg = config.eval
-  if not cfg.ref or not pathlib.Path(cfg.ref).is_file():
-    raise builders.SetupError(f"config.eval.ref {cfg.ref!r} is not a reference statistics file "
-                     "(EDM's fid-refs .npz, or one made with --mode=ref)")
+  detector = builders.load_detector(config, parallel.make_mesh())
+  try:  # before any sampling: a statistics file made with this detector at this resolution
+    refs.check_reference(cfg.ref, detector, config.data.resolution or None)
+  except fid_lib.StatisticsError as e:
+    raise builders.SetupError(str(e)) from e
   if cfg.images:
-    detector = builders.load_detector(config, parallel.make_mesh())
     dataset, batches = _folder_batches(config, cfg.images)
     num = min(cfg.num_samples, dataset.num_examples)
     result = ev.evaluate(detector, batches, num, cfg.ref)
@@ -154,8 +157,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if not cfg.teacher_steps and not (pathlib.Path(workdir) / "checkpoints").exists():
     raise builders.SetupError(f"no checkpoints in --workdir {workdir}; train first (or set "
                      "config.eval.teacher_steps / config.eval.images)")
-  run = builders.setup(config, workdir)
-  detector = builders.load_detector(config, run.mesh)
+  run = builders.setup(config, workdir, write_config=False)
   kimg = int(run.meta.get("step", 0)) * config.training.batch_size // 1000
   if cfg.teacher_steps:
     batches = _teacher_batches(run, cfg.num_samples, cfg.batch_size, cfg.seed, cfg.teacher_steps)
