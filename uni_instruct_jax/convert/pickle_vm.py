@@ -37,6 +37,10 @@ class CheckpointFormatError(ValueError):
   """A file is missing, truncated, not a pickle, or does not have the expected structure."""
 
 
+def _malformed(what: str) -> CheckpointFormatError:
+  return CheckpointFormatError(f'not a valid pickle ({what})')
+
+
 class Budget:
   """Bytes that one load may materialise (objects, storages, tensor copies)."""
 
@@ -106,7 +110,7 @@ class _Machine:
 
   def read(self, n: int) -> memoryview:
     if n < 0 or self.pos + n > len(self.data):
-      raise CheckpointFormatError('pickle data ends early (truncated or a bad length field)')
+      raise _malformed('data ends early (truncated or a bad length field)')
     chunk = self.data[self.pos:self.pos + n]
     self.pos += n
     return chunk
@@ -118,7 +122,7 @@ class _Machine:
     """A newline-terminated text argument (at most 256 bytes) of a protocol-0 opcode."""
     end = bytes(self.data[self.pos:self.pos + 256]).find(b'\n')
     if end < 0:
-      raise CheckpointFormatError('pickle text field is unterminated or longer than 256 bytes')
+      raise _malformed('text field is unterminated or longer than 256 bytes')
     return bytes(self.read(end + 1)[:-1]).decode(encoding)
 
   # ------------------------------------------------------------------ stack helpers
@@ -130,17 +134,17 @@ class _Machine:
 
   def pop(self) -> Any:
     if len(self.stack) <= (self.marks[-1] if self.marks else 0):
-      raise CheckpointFormatError('pickle stack underflow')
+      raise _malformed('stack underflow')
     return self.stack.pop()
 
   def top(self) -> Any:
     if len(self.stack) <= (self.marks[-1] if self.marks else 0):
-      raise CheckpointFormatError('pickle stack underflow')
+      raise _malformed('stack underflow')
     return self.stack[-1]
 
   def pop_mark(self) -> list:
     if not self.marks:
-      raise CheckpointFormatError('pickle has no MARK to pop to')
+      raise _malformed('has no MARK to pop to')
     start = self.marks.pop()
     items = self.stack[start:]
     del self.stack[start:]
@@ -156,7 +160,7 @@ class _Machine:
     try:
       self.stack.append(self.memo[index])
     except KeyError:
-      raise CheckpointFormatError(f'memo index {index} was never stored') from None
+      raise _malformed(f'memo index {index} was never stored') from None
 
   def push_text(self, raw: memoryview, kind: type) -> None:
     self.load.budget.charge(len(raw) + _OBJECT_BYTES, 'a pickled string')
@@ -200,7 +204,7 @@ class _Machine:
                               f'{" " + fn.name if type(fn) is Allowed else ""}, '
                               'which is not an allowed callable')
     if type(args) is not tuple:
-      raise CheckpointFormatError(f'arguments of {fn.name} are a {type(args).__name__}')
+      raise _malformed(f'arguments of {fn.name} are a {type(args).__name__}')
     self.push((fn.new if new else fn.call)(*args), _OBJECT_BYTES)
 
   def build(self) -> None:
@@ -213,7 +217,7 @@ class _Machine:
 
   def global_(self, module: Any, name: Any) -> None:
     if type(module) is not str or type(name) is not str:
-      raise CheckpointFormatError('STACK_GLOBAL operands are not strings')
+      raise _malformed('STACK_GLOBAL operands are not strings')
     self.push(self.resolve(module, name))
 
   # ------------------------------------------------------------------ main loop
@@ -222,12 +226,12 @@ class _Machine:
     data, u = self.data, self.unpack
     while True:
       if self.pos >= len(data):
-        raise CheckpointFormatError('pickle data ends before STOP')
+        raise _malformed('data ends before STOP')
       op = chr(data[self.pos])
       self.pos += 1
       if op == '.':  # STOP
         if len(self.stack) != 1 or self.marks:
-          raise CheckpointFormatError('pickle STOP with a malformed stack')
+          raise _malformed('STOP with a malformed stack')
         return self.stack[0], self.pos
       handler = _OPS.get(op)
       if handler is None:
@@ -245,7 +249,7 @@ def _text_string(m: _Machine, u) -> None:
   """STRING (protocol 0): a quoted, escaped byte string, returned as str (Python 3's default)."""
   line = m.readline('latin-1')
   if len(line) < 2 or line[0] != line[-1] or line[0] not in '\'"':
-    raise CheckpointFormatError('STRING opcode is not quoted')
+    raise _malformed('STRING opcode is not quoted')
   raw = codecs.escape_decode(line[1:-1].encode('latin-1'))[0]
   m.push_text(memoryview(raw.decode('ascii').encode()), str)
 
@@ -268,7 +272,7 @@ def _mark(m: _Machine, u) -> None:
 def _frame(m: _Machine, u) -> None:
   size = u('<Q')
   if size > len(m.data) - m.pos:
-    raise CheckpointFormatError('pickle frame is longer than the data')
+    raise _malformed('frame is longer than the data')
 
 
 _OPS: dict[str, Callable[[_Machine, Any], None]] = {
@@ -342,7 +346,7 @@ _OPS: dict[str, Callable[[_Machine, Any], None]] = {
 
 def _peek_below(m: _Machine, depth: int = 1) -> Any:
   if len(m.stack) <= depth + (m.marks[-1] if m.marks else 0):
-    raise CheckpointFormatError('pickle stack underflow')
+    raise _malformed('stack underflow')
   return m.stack[-1 - depth]
 
 
@@ -364,7 +368,7 @@ def _add_items(target: Any, items: list) -> None:
 
 def _persistent(m: _Machine, pid: Any) -> None:
   if m.persistent is None:
-    raise CheckpointFormatError(f'unexpected persistent id ({describe(pid)})')
+    raise _malformed(f'unexpected persistent id ({describe(pid)})')
   m.push(m.persistent(pid), _OBJECT_BYTES)
 
 

@@ -27,6 +27,8 @@ are size-checked against the archive before they are read. Malformed input raise
 import collections
 import dataclasses
 import hashlib
+import io
+import math
 import os
 import struct
 import zipfile
@@ -389,6 +391,31 @@ def _read_zip(path: str, load: _TorchLoad) -> Any:
     return obj
 
 
+def _read_npz(path: str, load: _TorchLoad) -> dict[str, np.ndarray]:
+  """Reads an `.npz` of plain bool/int/float arrays, checking every size before reading it."""
+  limit = os.path.getsize(path)
+  out = {}
+  with zipfile.ZipFile(path) as archive:
+    for name in archive.namelist():
+      if not name.endswith('.npy'):
+        raise CheckpointFormatError(f'npz member {name} is not an .npy record')
+      data = _read_member(archive, name, limit)
+      load.budget.charge(len(data), f'npz member {name}')
+      f = io.BytesIO(data)
+      version = np.lib.format.read_magic(f)
+      read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                     np.lib.format.read_array_header_2_0)
+      shape, fortran, dtype = read_header(f)
+      if dtype.kind not in 'biuf' or dtype.fields is not None or dtype.subdtype is not None:
+        raise UnsafePickleError(f'npz member {name} has dtype {dtype.str}, not plain numbers')
+      count = math.prod(shape)
+      if count * dtype.itemsize != len(data) - f.tell():
+        raise CheckpointFormatError(f'npz member {name} does not hold {shape} {dtype} values')
+      array = np.frombuffer(data, dtype, count, f.tell())
+      out[name[:-len('.npy')]] = array.reshape(shape[::-1]).T if fortran else array.reshape(shape)
+  return out
+
+
 def _children(obj: Any) -> list | None:
   """Members of a loaded container (`pickle_vm.check_graph`); None for a leaf."""
   if isinstance(obj, (list, tuple)):
@@ -483,6 +510,11 @@ def load_pickle(path: str | os.PathLike) -> Any:
 def load_torch_file(path: str | os.PathLike) -> Any:
   """Loads a `torch.save` file (legacy stream or zip archive); tensors become numpy arrays."""
   return _guarded_load(path, _read_torch)
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Loads an `.npz` of numeric arrays {name: array} with the same bounds and errors."""
+  return _guarded_load(path, _read_npz)
 
 
 def load_torch_state_dict(path: str | os.PathLike,
