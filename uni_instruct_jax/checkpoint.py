@@ -81,7 +81,8 @@ def load_teacher(directory: str | os.PathLike, sharding: Any = None, dtype=jnp.f
     raise CheckpointFormatError(f'{directory}: no {VARIABLES}/ checkpoint beside {NETWORK_JSON}')
   stored_bytes = sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
   # 4-byte float32 parameters, allowing the checkpoint's compression up to 64x.
-  model = build_teacher(metadata, dtype, max_params=min(MAX_PARAMS, 16 * stored_bytes))
+  model = build_teacher(metadata, dtype, max_params=min(MAX_PARAMS, 16 * stored_bytes),
+                        where=str(directory))
   try:
     abstract = abstract_variables(model)
   except CheckpointFormatError as e:

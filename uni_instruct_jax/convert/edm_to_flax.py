@@ -311,12 +311,13 @@ def read_edm_snapshot(path: str | os.PathLike) -> tuple[TeacherMetadata, dict[st
                                 f'{message})') from None
 
 
-def build_teacher(metadata: TeacherMetadata, dtype=jnp.float32,
-                  max_params: int = MAX_PARAMS) -> networks.Precond:
+def build_teacher(metadata: TeacherMetadata, dtype=jnp.float32, max_params: int = MAX_PARAMS,
+                  where: str | None = None) -> networks.Precond:
   """The Flax preconditioner described by `metadata` (compute dtype `dtype`, float32 params).
 
   The kwargs are checked first (`check_network_kwargs`, with `max_params`), so nothing is traced
-  or allocated for a network that no file of this size can hold.
+  or allocated for a network that no file of this size can hold. Errors start with `where`
+  (default: the metadata's source path).
   """
   try:
     if not isinstance(metadata.init_kwargs, dict) or not isinstance(metadata.class_name, str):
@@ -324,8 +325,8 @@ def build_teacher(metadata: TeacherMetadata, dtype=jnp.float32,
     check_network_kwargs(metadata.init_kwargs, max_params)
     return networks.build_network(metadata.class_name, metadata.init_kwargs, dtype)
   except (TypeError, ValueError) as e:
-    raise CheckpointFormatError(f'{metadata.source_path}: cannot build {metadata.class_name}: '
-                                f'{e}') from None
+    raise CheckpointFormatError(f'{where or metadata.source_path}: cannot build '
+                                f'{metadata.class_name}: {e}') from None
 
 
 def convert_edm_pickle(path: str | os.PathLike, dtype=jnp.float32

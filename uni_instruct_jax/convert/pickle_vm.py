@@ -27,6 +27,7 @@ _MAX_KEY_INT = (1 << 61) - 1  # ints below this hash to themselves: no equal-has
 # Estimated bytes per object the interpreter creates (CPython, 64-bit), charged to the budget.
 _OBJECT_BYTES = 64
 _ITEM_BYTES = 64
+_SET_BYTES = 256
 
 
 class UnsafePickleError(ValueError):
@@ -103,6 +104,7 @@ class _Machine:
     self.resolve, self.persistent = resolve, persistent
     self.stack: list = []
     self.marks: list[int] = []
+    self.floor = 0  # stack index of the innermost MARK
     self.memo: dict[int, Any] = {}
     self.max_memo = len(data)
 
@@ -115,8 +117,13 @@ class _Machine:
     self.pos += n
     return chunk
 
-  def unpack(self, fmt: str) -> int:
-    return struct.unpack(fmt, self.read(struct.calcsize(fmt)))[0]
+  def unpack(self, fmt: str) -> Any:
+    form = _STRUCTS[fmt]
+    pos = self.pos
+    if pos + form.size > len(self.data):
+      raise _malformed('data ends early (truncated or a bad length field)')
+    self.pos = pos + form.size
+    return form.unpack_from(self.data, pos)[0]
 
   def readline(self, encoding: str = 'utf-8') -> str:
     """A newline-terminated text argument (at most 256 bytes) of a protocol-0 opcode."""
@@ -133,12 +140,12 @@ class _Machine:
     self.stack.append(obj)
 
   def pop(self) -> Any:
-    if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+    if len(self.stack) <= self.floor:
       raise _malformed('stack underflow')
     return self.stack.pop()
 
   def top(self) -> Any:
-    if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+    if len(self.stack) <= self.floor:
       raise _malformed('stack underflow')
     return self.stack[-1]
 
@@ -146,6 +153,7 @@ class _Machine:
     if not self.marks:
       raise _malformed('has no MARK to pop to')
     start = self.marks.pop()
+    self.floor = self.marks[-1] if self.marks else 0
     items = self.stack[start:]
     del self.stack[start:]
     return items
@@ -190,7 +198,7 @@ class _Machine:
       target[check_key(items[i])] = items[i + 1]
 
   def make_set(self, items: list, kind: type) -> Any:
-    self.load.budget.charge(_ITEM_BYTES * len(items) + _OBJECT_BYTES, 'a pickled set')
+    self.load.budget.charge(_ITEM_BYTES * len(items) + _SET_BYTES, 'a pickled set')
     return kind(check_key(item) for item in items)
 
   def make_tuple(self, items: list) -> None:
@@ -223,20 +231,18 @@ class _Machine:
   # ------------------------------------------------------------------ main loop
 
   def run(self) -> tuple[Any, int]:
-    data, u = self.data, self.unpack
-    while True:
-      if self.pos >= len(data):
-        raise _malformed('data ends before STOP')
-      op = chr(data[self.pos])
+    data, u, table, size = self.data, self.unpack, _TABLE, len(self.data)
+    while self.pos < size:
+      handler = table[data[self.pos]]
       self.pos += 1
-      if op == '.':  # STOP
-        if len(self.stack) != 1 or self.marks:
-          raise _malformed('STOP with a malformed stack')
-        return self.stack[0], self.pos
-      handler = _OPS.get(op)
       if handler is None:
-        raise UnsafePickleError(f'pickle opcode {op!r} is not supported')
+        if data[self.pos - 1] == ord('.'):  # STOP
+          if len(self.stack) != 1 or self.marks:
+            raise _malformed('STOP with a malformed stack')
+          return self.stack[0], self.pos
+        raise UnsafePickleError(f'pickle opcode {chr(data[self.pos - 1])!r} is not supported')
       handler(self, u)
+    raise _malformed('data ends before STOP')
 
 
 def _unsupported(what: str) -> Callable:
@@ -266,7 +272,8 @@ def _text_int(m: _Machine, u, long: bool = False) -> None:
 
 def _mark(m: _Machine, u) -> None:
   m.load.budget.charge(_OBJECT_BYTES, 'MARK')
-  m.marks.append(len(m.stack))
+  m.floor = len(m.stack)
+  m.marks.append(m.floor)
 
 
 def _frame(m: _Machine, u) -> None:
@@ -344,8 +351,12 @@ _OPS: dict[str, Callable[[_Machine, Any], None]] = {
 }
 
 
+_TABLE = [_OPS.get(chr(code)) for code in range(256)]
+_STRUCTS = {fmt: struct.Struct(fmt) for fmt in ('<B', '<H', '<i', '<I', '<Q', '>d')}
+
+
 def _peek_below(m: _Machine, depth: int = 1) -> Any:
-  if len(m.stack) <= depth + (m.marks[-1] if m.marks else 0):
+  if len(m.stack) <= depth + m.floor:
     raise _malformed('stack underflow')
   return m.stack[-1 - depth]
 
