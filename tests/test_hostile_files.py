@@ -473,6 +473,7 @@ def _size(path):
       p.stat().st_size for p in path.rglob('*') if p.is_file())
 
 
+@pytest.mark.slow
 def test_every_hostile_load_is_refused_with_one_line(battery):
   bad = [r for r in battery['results'] if not (
       r['value_error'] and r['type'] in ('UnsafePickleError', 'CheckpointFormatError',
@@ -481,6 +482,7 @@ def test_every_hostile_load_is_refused_with_one_line(battery):
   assert not bad, [(r['case'], r['loader'], r['type'], r['message'][:200]) for r in bad]
 
 
+@pytest.mark.slow
 def test_no_bound_is_reached_by_running_out_of_resources(battery):
   """Refusals come from the loaders' own checks, not from MemoryError / RecursionError."""
   bad = [r for r in battery['results'] if any(
@@ -488,6 +490,7 @@ def test_no_bound_is_reached_by_running_out_of_resources(battery):
   assert not bad, [(r['case'], r['loader'], r['message'][:200]) for r in bad]
 
 
+@pytest.mark.slow
 def test_memory_and_time_are_bounded(battery):
   for r in battery['results']:
     assert battery['sizes'][r['case']] < 10 * 2**20, r['case']
@@ -495,6 +498,7 @@ def test_memory_and_time_are_bounded(battery):
     assert r['seconds'] < _TIME_BOUND, (r['case'], r['loader'], r['seconds'])
 
 
+@pytest.mark.slow
 def test_later_loads_are_bit_identical_and_nothing_else_changes(battery):
   assert all(r['probe_same'] for r in battery['results']), [
       r['case'] for r in battery['results'] if not r['probe_same']]
@@ -503,6 +507,7 @@ def test_later_loads_are_bit_identical_and_nothing_else_changes(battery):
   assert battery['listing_same']
 
 
+@pytest.mark.slow
 def test_expected_refusals_name_the_bound(battery):
   """Spot checks that each attack class is stopped by the bound written for it."""
   expect = {
@@ -544,6 +549,27 @@ def test_shared_view_is_materialised_once(tmp_path):
   out = safe_unpickle.load_torch_file(path)
   assert len(out) == 6 and all(x is out[0] for x in out)
   assert out[0].shape == (n,) and np.all(out[0] == 2.5) and out[0].flags.c_contiguous
+
+
+def test_cli_prints_one_error_line_and_exits_2(tmp_path, capsys):
+  """Hostile snapshots and an --out that is, or lies under, a file: `error: ...`, status 2."""
+  from uni_instruct_jax.convert import __main__ as cli  # pylint: disable=g-import-not-at-top
+  files = {'o8.pkl': _pickle_cases()['dtype_O8_build_scalar'],
+           'cycle.pkl': edm_snapshot(EMPTY_DICT + put(9) + s('self') + get(9) + b's'),
+           'blocks.pkl': edm_snapshot(dict(_GOOD_KWARGS, num_blocks=3000)),
+           'negative.pkl': edm_snapshot(dict(_GOOD_KWARGS, img_resolution=-16))}
+  for name, data in files.items():
+    (tmp_path / name).write_bytes(data)
+    assert cli.convert(str(tmp_path / name), str(tmp_path / 'out')) == 2, name
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: {tmp_path / name}: ') and err.count('\n') == 1, err
+  (tmp_path / 'file').write_text('x')
+  good = SHARED / _FIXTURES['edm']
+  for out in (tmp_path / 'file', tmp_path / 'file' / 'sub' / 'dir'):
+    assert cli.convert(str(good), str(out)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f'error: --out={out}: ') and err.count('\n') == 1, err
+  assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*files, 'file'])
 
 
 if __name__ == '__main__':

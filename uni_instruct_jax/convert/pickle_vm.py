@@ -321,11 +321,11 @@ _OPS: dict[str, Callable[[_Machine, Any], None]] = {
     '\x86': lambda m, u: m.make_tuple(list(reversed([m.pop(), m.pop()]))),  # TUPLE2
     '\x87': lambda m, u: m.make_tuple(list(reversed([m.pop(), m.pop(), m.pop()]))),  # TUPLE3
     ']': lambda m, u: m.push([], _OBJECT_BYTES),  # EMPTY_LIST
-    'l': lambda m, u: m.push(_filled(m, [], m.pop_mark(), m.append), _OBJECT_BYTES),  # LIST
+    'l': lambda m, u: m.push(_filled([], m.pop_mark(), m.append), _OBJECT_BYTES),  # LIST
     'a': lambda m, u: m.append(_peek_below(m), [m.pop()]),  # APPEND
     'e': lambda m, u: _into_marked(m, m.append),  # APPENDS
     '}': lambda m, u: m.push({}, _OBJECT_BYTES),  # EMPTY_DICT
-    'd': lambda m, u: m.push(_filled(m, {}, m.pop_mark(), m.setitems), _OBJECT_BYTES),  # DICT
+    'd': lambda m, u: m.push(_filled({}, m.pop_mark(), m.setitems), _OBJECT_BYTES),  # DICT
     's': lambda m, u: m.setitems(_peek_below(m, 2), [m.stack.pop(-2), m.stack.pop()]),  # SETITEM
     'u': lambda m, u: _into_marked(m, m.setitems),  # SETITEMS
     '\x8f': lambda m, u: m.push(m.make_set([], set)),  # EMPTY_SET
@@ -361,7 +361,7 @@ def _peek_below(m: _Machine, depth: int = 1) -> Any:
   return m.stack[-1 - depth]
 
 
-def _filled(m: _Machine, target: Any, items: list, fill: Callable) -> Any:
+def _filled(target: Any, items: list, fill: Callable) -> Any:
   fill(target, items)
   return target
 

@@ -314,7 +314,10 @@ def load_inception_params(path) -> dict:
     sd = safe_unpickle.load_npz(path)
   else:
     sd = safe_unpickle.load_torch_state_dict(path)
-  return params_from_torch_state_dict(sd)
+  try:
+    return params_from_torch_state_dict(sd)
+  except InceptionWeightsError as e:
+    raise InceptionWeightsError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- inference
