@@ -236,6 +236,10 @@ def _pickle_cases():
                            b'b' + STOP,
       'billion_laughs': P2 + NONE + put(0) + b'0' + b''.join(
           get(k) + get(k) + b'\x86' + put(k + 1) + b'0' for k in range(60)) + get(60) + STOP,
+      'shared_string_100k_refs': P2 + by(b'x' * 200_000) + put(0) + b'0' + EMPTY_LIST + b'(' +
+                                 get(0) * 100_000 + b'e' + STOP,
+      'bool_scalar_byte_7': P2 + call(SCALAR, call(DTYPE, s('b1'), FALSE, TRUE) +
+                                      dtype_state('|') + b'b', by(b'\x07')) + STOP,
       # Tensors.
       'stride0_view_memo_6x': P2 + EMPTY_LIST + b'(' + tensor('0', 16, 0, (3 * 2**26,), (0,)) +
                               put(1) + get(1) * 5 + b'e' + STOP,
@@ -267,6 +271,11 @@ def _torch_files(tmp):
     add(f'pkl_{name}', body, ['load_pickle', 'load_edm_pickle'], '.pkl')
     add(f'legacy_{name}', legacy(body, [('0', np.zeros(16, np.float32))]), torch_loaders)
     add(f'zip_{name}', torch_zip(body, [('0', np.zeros(16, np.float32))]), torch_loaders)
+  # Valid data, but flattened state-dict names would take 20000 x 90 x 60 kB.
+  chain = (P2 + s('k' * 60_000) + put(0) + b'0' + EMPTY_DICT + (get(0) + EMPTY_DICT) * 90 + b'(' +
+           b''.join(s(str(k)) + NONE for k in range(20_000)) + b'u' + b's' * 90 + STOP)
+  add('zip_long_key_chain_wide_bottom', torch_zip(chain), torch_loaders[1:])
+  add('pkl_long_key_chain_wide_bottom', chain, ['load_edm_pickle'], '.pkl')
   # A legitimate teacher with BUILD onto the FloatStorage stand-in appended before its STOP.
   edm = (SHARED / _FIXTURES['edm']).read_bytes()
   add('edm_then_build_on_float_storage',
@@ -302,7 +311,8 @@ def _kwargs_cases(tmp):
          'resolution_negative': dict(img_resolution=-16), 'label_dim_1e9': dict(label_dim=10**9),
          'channels_1e6': dict(model_channels=10**6), 'mult_100_levels': dict(channel_mult=[1] * 100),
          'dropout_nan': dict(dropout=float('nan')), 'resolution_odd': dict(img_resolution=15),
-         'resolution_bool': dict(img_resolution=True), 'params_past_file': dict(model_channels=512)}
+         'resolution_bool': dict(img_resolution=True), 'params_past_file': dict(model_channels=512),
+         'megabyte_string': dict(embedding_type='x' * 2**20)}
   files = {}
   for name, change in bad.items():
     kwargs = dict(_GOOD_KWARGS, **change)
@@ -328,6 +338,10 @@ def _teacher_cases(tmp, teacher):
            'resolution_negative': dict(img_resolution=-16), 'channel_mult_16x8':
            dict(channel_mult=[16] * 8, model_channels=2048), 'kwargs_list': None}
   files = {}
+  out = tmp / 'teacher_deep_json'
+  shutil.copytree(teacher, out)
+  (out / 'network.json').write_text('[' * 100_000 + ']' * 100_000)
+  files['teacher_deep_json'] = (str(out), ['load_teacher'])
   for name, change in cases.items():
     out = tmp / f'teacher_{name}'
     shutil.copytree(teacher, out)
@@ -524,6 +538,9 @@ def test_expected_refusals_name_the_bound(battery):
       ('pkl_equal_hash_ints', 'load_pickle'): 'dict key or set item is a int',
       ('pkl_deep_list_10k', 'load_edm_pickle'): 'nests deeper than',
       ('pkl_billion_laughs', 'load_pickle'): 'tree far larger',
+      ('pkl_shared_string_100k_refs', 'load_pickle'): 'shared strings expand',
+      ('zip_long_key_chain_wide_bottom', 'load_torch_state_dict'): 'longer than 1024',
+      ('pkl_bool_scalar_byte_7', 'load_pickle'): 'exactly its item size',
       ('pkl_list_cycle', 'load_pickle'): 'reference cycle',
       ('kwargs_cycle', 'load_edm_pickle'): 'reference cycle',
       ('kwargs_num_blocks_3000', 'load_edm_pickle'): 'num_blocks=3000',

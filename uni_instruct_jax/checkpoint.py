@@ -59,7 +59,7 @@ def load_teacher_metadata(directory: str | os.PathLike) -> TeacherMetadata:
   except FileNotFoundError:
     raise CheckpointFormatError(f'{directory}: not a teacher directory (no {NETWORK_JSON}; '
                                 'convert with python -m uni_instruct_jax.convert)') from None
-  except (ValueError, UnicodeDecodeError) as e:
+  except (ValueError, UnicodeDecodeError, RecursionError) as e:
     raise CheckpointFormatError(f'{path}: unreadable teacher metadata '
                                 f'({str(e).splitlines()[0]})') from None
 

@@ -68,6 +68,8 @@ def check_network_kwargs(init_kwargs: dict, max_params: int = MAX_PARAMS) -> int
     levels do not divide, or a network bound to have more than `max_params` parameters.
   """
   for key, value in init_kwargs.items():
+    if type(key) is not str or len(key) > 64 or (type(value) is str and len(value) > 64):
+      raise CheckpointFormatError('network kwarg names and string values must be short strings')
     if key in _INT_RANGES:
       _check_number(key, value, *_INT_RANGES[key], integer=True)
     elif key in _FLOAT_RANGES:
@@ -137,7 +139,8 @@ class TeacherMetadata:
 
 
 def _json_value(value: Any, where: str, strict: bool = True) -> Any:
-  """Pickled kwarg value -> JSON type (tuples as lists); non-JSON values raise, or become repr."""
+  """Pickled kwarg value -> JSON type (tuples as lists); non-JSON values raise, or become
+  '<type name>'."""
   if isinstance(value, np.generic):
     value = value.item()
   if value is None or isinstance(value, (bool, int, float, str)):
@@ -145,10 +148,11 @@ def _json_value(value: Any, where: str, strict: bool = True) -> Any:
   if isinstance(value, (list, tuple)):
     return [_json_value(v, where, strict) for v in value]
   if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-    return {k: _json_value(v, f'{where}.{k}', strict) for k, v in value.items()}
+    return {k: _json_value(v, f'{where}.{k[:100]}', strict) for k, v in value.items()}
   if strict:
-    raise CheckpointFormatError(f'{where} holds a {type(value).__name__}, not a plain value')
-  return repr(value)
+    raise CheckpointFormatError(f'{where[:200]} holds a {type(value).__name__}, not a plain '
+                                'value')
+  return f'<{type(value).__name__}>'
 
 
 def _persistent(obj: Any, what: str) -> safe_unpickle.PersistentObject:
@@ -204,6 +208,9 @@ def torch_state_dict(module: Any, prefix: str = '') -> dict[str, np.ndarray]:
     raise CheckpointFormatError(f'{prefix}_non_persistent_buffers_set is a '
                                 f'{type(skip).__name__}')
   out = {}
+  if len(prefix) > safe_unpickle.MAX_KEY_CHARS:
+    raise CheckpointFormatError(f'a state dict key is longer than {safe_unpickle.MAX_KEY_CHARS} '
+                                'characters')
   for group in ('_parameters', '_buffers', '_modules'):
     entries = state.get(group, {})
     if not isinstance(entries, dict):
@@ -326,7 +333,7 @@ def build_teacher(metadata: TeacherMetadata, dtype=jnp.float32, max_params: int 
     return networks.build_network(metadata.class_name, metadata.init_kwargs, dtype)
   except (TypeError, ValueError) as e:
     raise CheckpointFormatError(f'{where or metadata.source_path}: cannot build '
-                                f'{metadata.class_name}: {e}') from None
+                                f'{str(metadata.class_name)[:100]}: {str(e)[:300]}') from None
 
 
 def convert_edm_pickle(path: str | os.PathLike, dtype=jnp.float32

@@ -12,8 +12,9 @@ file, recursive hashing of keys) that a hostile file can abuse. This interpreter
 * charges every object it creates to a byte `Budget` fixed by the caller from the file size, keeps
   the memo in a dict with indices bounded by the pickle's length, and bounds integer literals;
 * `check_graph` then walks the result iteratively, refusing cycles, nesting deeper than
-  `MAX_DEPTH` and DAGs whose tree expansion is much larger than their node count, so that later
-  recursive walks of the result are cheap and cannot overflow the stack.
+  `MAX_DEPTH`, DAGs whose tree expansion is much larger than their node count and shared strings
+  that expand past a byte bound, so that later recursive walks of the result are cheap and
+  cannot overflow the stack.
 """
 
 import codecs
@@ -394,14 +395,18 @@ def no_globals(module: str, name: str) -> Any:
   raise UnsafePickleError(f'global {module}.{name} is not in the allow-list')
 
 
-def check_graph(root: Any, children: Callable[[Any], list | None], max_depth: int = MAX_DEPTH,
-                expansion: int = 8) -> None:
-  """Refuses cycles, nesting deeper than `max_depth`, and DAGs whose tree expansion exceeds
-  `expansion` x (node count) + 100000 (e.g. a list holding the same list twice, 40 levels deep).
+def check_graph(root: Any, children: Callable[[Any], list | None], max_text: int,
+                max_depth: int = MAX_DEPTH, expansion: int = 8) -> None:
+  """Refuses what would make a later walk of the loaded data costly.
+
+  That is: cycles; nesting deeper than `max_depth`; DAGs whose tree expansion exceeds
+  `expansion` x (node count) + 100000 (e.g. a list holding the same list twice, 40 levels deep);
+  and more than `max_text` bytes of str/bytes in the tree expansion (one long string referenced
+  many times, which a JSON dump or repr would write out each time).
 
   `children(obj)` lists a container's members (None for a leaf). Iterative: any depth is safe.
   """
-  size: dict[int, int] = {}  # id -> expanded tree size of a finished node
+  size: dict[int, tuple[int, int]] = {}  # id -> (expanded node count, expanded text bytes)
   path: set[int] = set()
   todo = [(root, False)]
   while todo:
@@ -412,9 +417,15 @@ def check_graph(root: Any, children: Callable[[Any], list | None], max_depth: in
     key = id(obj)
     if done:
       path.discard(key)
-      size[key] = 1 + sum(size.get(id(c), 1) for c in members)
-      if size[key] > expansion * len(size) + 100000:
+      nodes, text = 1, 0
+      for child in members:
+        child_nodes, child_text = size.get(id(child), (1, _text_bytes(child)))
+        nodes, text = nodes + child_nodes, text + child_text
+      size[key] = nodes, text
+      if nodes > expansion * len(size) + 100000:
         raise UnsafePickleError('shared references expand to a tree far larger than the file')
+      if text > max_text:
+        raise UnsafePickleError(f'shared strings expand to more than {max_text} bytes')
       continue
     if key in size:
       continue
@@ -429,3 +440,7 @@ def check_graph(root: Any, children: Callable[[Any], list | None], max_depth: in
         raise UnsafePickleError('the pickled data contains a reference cycle')
       if id(child) not in size:
         todo.append((child, False))
+
+
+def _text_bytes(leaf: Any) -> int:
+  return len(leaf) if isinstance(leaf, (str, bytes, bytearray)) else 0

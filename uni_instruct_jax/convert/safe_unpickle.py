@@ -48,6 +48,7 @@ _TORCH_PROTOCOL = 1001
 _ZIP_MAGIC = b'PK\x03\x04'
 BUDGET_FACTOR = 4
 BUDGET_SLACK = 16 << 20
+MAX_KEY_CHARS = 1024  # of a flattened state-dict key
 _MAX_DIM = 1 << 40  # per tensor dimension, offset and stride (elements)
 _MAX_NDIM = 32
 # numpy.dtype descriptors a pickle may name (as `np.dtype.__reduce__` spells them).
@@ -258,7 +259,7 @@ class _TorchLoad(pickle_vm.Load):
   def numpy_scalar(self, *args) -> np.generic:
     dtype, data = _args(args, 'numpy scalar', 2, 2)
     if type(dtype) is not NumpyDtype or type(data) is not bytes or \
-        len(data) != dtype.dtype.itemsize:
+        len(data) != dtype.dtype.itemsize or (dtype.dtype.kind == 'b' and data not in b'\x00\x01'):
       raise UnsafePickleError(f'numpy scalar of {describe(dtype)} from {describe(data)}: not a '
                               'plain dtype with exactly its item size of bytes')
     return np.frombuffer(data, dtype.dtype).astype(dtype.dtype.newbyteorder('='))[0]
@@ -421,7 +422,7 @@ def _children(obj: Any) -> list | None:
   if isinstance(obj, (list, tuple)):
     return list(obj)
   if isinstance(obj, dict):
-    return list(obj.values())
+    return [*obj.keys(), *obj.values()]
   if isinstance(obj, (PersistentObject, TorchModuleDict)):
     return [getattr(obj, 'state', None)]
   return None
@@ -438,7 +439,10 @@ def _materialize(obj: Any, load: _TorchLoad, done: dict[int, Any]) -> Any:
   if isinstance(obj, (_Storage, np.ndarray)):
     array = obj.array if isinstance(obj, _Storage) else obj
     load.budget.charge(array.nbytes, f'a tensor of {array.nbytes} bytes')
-    done[id(obj)] = array.astype(array.dtype.newbyteorder('='), order='C', copy=True)
+    if array.dtype == np.bool_:  # bytes other than 0/1 become True
+      done[id(obj)] = np.not_equal(array.view(np.uint8), 0)
+    else:
+      done[id(obj)] = array.astype(array.dtype.newbyteorder('='), order='C', copy=True)
     done[id(done[id(obj)])] = done[id(obj)]
     return done[id(obj)]
   done[id(obj)] = obj
@@ -467,7 +471,7 @@ def _guarded_load(path: str | os.PathLike, reader: Callable[[str, _TorchLoad], A
   load = _TorchLoad(pickle_vm.Budget(BUDGET_FACTOR * os.path.getsize(path) + BUDGET_SLACK))
   try:
     obj = reader(path, load)
-    pickle_vm.check_graph(obj, _children)
+    pickle_vm.check_graph(obj, _children, max_text=load.budget.limit)
     return _materialize(obj, load, {})
   except UnsafePickleError as e:
     raise UnsafePickleError(f'{path}: {_one_line(e)}') from None
@@ -537,6 +541,9 @@ def load_torch_state_dict(path: str | os.PathLike,
   def flatten(tree: dict, prefix: str) -> None:
     for key, value in tree.items():
       name = f'{prefix}{key}'
+      if len(name) > MAX_KEY_CHARS:
+        raise CheckpointFormatError(f'{os.fspath(path)}: a state dict key is longer than '
+                                    f'{MAX_KEY_CHARS} characters')
       if isinstance(value, dict):
         flatten(value, name + '.')
       elif isinstance(value, np.ndarray):
