@@ -555,6 +555,18 @@ def test_expected_refusals_name_the_bound(battery):
     assert text in messages[key], (key, messages[key])
 
 
+def test_legitimate_files_are_far_inside_the_nesting_bound():
+  from uni_instruct_jax.convert import pickle_vm  # pylint: disable=g-import-not-at-top
+  from uni_instruct_jax.convert import safe_unpickle  # pylint: disable=g-import-not-at-top
+  for name, rel in _FIXTURES.items():
+    if not (SHARED / rel).exists():
+      pytest.skip(f'shared file {SHARED / rel} not found')
+    loader = safe_unpickle.load_npz if rel.endswith('.npz') else safe_unpickle.load_torch_file \
+        if name == 'resnet' else safe_unpickle.load_pickle
+    pickle_vm.check_graph(loader(SHARED / rel), safe_unpickle._children, max_text=2**30,
+                          max_depth=pickle_vm.MAX_DEPTH // 4)
+
+
 def test_shared_view_is_materialised_once(tmp_path):
   """A stride-0 view referenced six times through the memo costs one copy, within the budget."""
   from uni_instruct_jax.convert import safe_unpickle  # pylint: disable=g-import-not-at-top

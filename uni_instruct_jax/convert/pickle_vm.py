@@ -22,7 +22,7 @@ import dataclasses
 import struct
 from typing import Any, Callable
 
-MAX_DEPTH = 100  # EDM snapshots nest about 30 levels.
+MAX_DEPTH = 100  # 4x what the EDM fixtures need (tests/test_hostile_files.py checks it).
 MAX_INT_BYTES = 16  # LONG1/LONG4 payload; the torch.save magic number needs 10.
 _MAX_KEY_INT = (1 << 61) - 1  # ints below this hash to themselves: no equal-hash flooding.
 # Estimated bytes per object the interpreter creates (CPython, 64-bit), charged to the budget.
