@@ -287,6 +287,9 @@ def _torch_files(tmp):
   add('zip_bomb_claims_3gib', patch_zip_size(bomb, 'archive/data.pkl', 3 * _GIB), torch_loaders)
   add('zip_bomb_claims_100b', patch_zip_size(bomb, 'archive/data.pkl', 100), torch_loaders)
   add('npz_bomb', deflate_bomb('w.npy', 64), ['inception'], '.npz')
+  for method in (zipfile.ZIP_LZMA, zipfile.ZIP_BZIP2):
+    add(f'zip_data_pkl_method_{method}', torch_zip(P2 + NONE + STOP, compress=method),
+        torch_loaders)
   record = torch_zip(P2 + tensor('0', 2**28, 0, (4,), (1,)) + STOP, [('0', np.zeros(4))])
   add('zip_storage_claims_1gib', patch_zip_size(record, 'archive/data/0', _GIB), torch_loaders)
   buf = io.BytesIO()
@@ -533,6 +536,7 @@ def test_expected_refusals_name_the_bound(battery):
       ('zip_stride0_view_memo_6x', 'load_torch_file'): 'memory bound',
       ('zip_bomb_claims_3gib', 'load_torch_file'): 'claims 3221225472 bytes',
       ('npz_bomb', 'inception'): 'claims 67108864 bytes',
+      ('zip_data_pkl_method_14', 'proxy'): 'compression method 14',
       ('pkl_deep_tuple_dict_key', 'load_pickle'): 'memory bound',
       ('pkl_deep_tuple_set_item', 'load_pickle'): 'dict key or set item is a tuple',
       ('pkl_equal_hash_ints', 'load_pickle'): 'dict key or set item is a int',

@@ -338,8 +338,12 @@ def _read_legacy(load: _TorchLoad, data: memoryview, resolve: Callable[[str, str
 
 
 def _read_member(archive: zipfile.ZipFile, name: str, limit: int) -> bytes:
-  """A zip member's bytes, refused before reading if it claims more than `limit` bytes."""
+  """A zip member's bytes, refused before reading if it claims more than `limit` bytes or needs
+  a decompressor other than inflate (LZMA's dictionary size is chosen by the file)."""
   info = archive.getinfo(name)
+  if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+    raise UnsafePickleError(f'zip member {name} uses compression method {info.compress_type} '
+                            '(only stored and deflated are read)')
   if info.file_size > limit:
     raise UnsafePickleError(f'zip member {name} claims {info.file_size} bytes, more than the '
                             f'archive\'s {limit}')
