@@ -4,7 +4,7 @@
 file, recursive hashing of keys) that a hostile file can abuse. This interpreter instead:
 
 * resolves GLOBAL / STACK_GLOBAL through a per-load `resolve(module, name)` callback; REDUCE and
-  NEWOBJ call only `Callable` wrappers that the caller wrote (they validate their arguments);
+  NEWOBJ call only `Allowed` wrappers that the caller wrote (they validate their arguments);
 * applies BUILD only to objects a wrapper registered with `Load.buildable` during this load, through
   that object's own validating setter; nothing module-level is ever mutated;
 * refuses INST, OBJ, EXT1/2/4 and out-of-band buffers; keys of dicts and items of sets must be
@@ -192,7 +192,7 @@ class _Machine:
     target.extend(items)
 
   def setitems(self, target: Any, items: list) -> None:
-    if not isinstance(target, dict) or len(items) % 2:
+    if type(target) is not dict or len(items) % 2:
       raise UnsafePickleError(f'SETITEM onto a {type(target).__name__} or with an odd item count')
     self.load.budget.charge(_ITEM_BYTES * len(items) // 2, 'a pickled dict')
     for i in range(0, len(items), 2):

@@ -24,7 +24,6 @@ are size-checked against the archive before they are read. Malformed input raise
 `CheckpointFormatError`. Both are `ValueError`s whose one-line message starts with the file path.
 """
 
-import collections
 import dataclasses
 import hashlib
 import io
