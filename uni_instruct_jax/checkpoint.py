@@ -99,7 +99,12 @@ def load_teacher(directory: str | os.PathLike, sharding: Any = None, dtype=jnp.f
       raise ValueError(f'sharding does not match the teacher variables: {e}') from None
   try:
     with ocp.StandardCheckpointer() as checkpointer:
-      _check_stored_shapes(path, checkpointer.metadata(path).item_metadata.tree, abstract)
+      stored = checkpointer.metadata(path)  # orbax >= 0.12: StepMetadata; older: the tree
+      stored = getattr(stored, 'item_metadata', stored)
+      stored = getattr(stored, 'tree', stored)
+      if not stored:
+        raise ValueError('no array metadata')
+      _check_stored_shapes(path, stored, abstract)
       variables = checkpointer.restore(path, target)
   except CheckpointFormatError:
     raise
