@@ -19,6 +19,7 @@ import orbax.checkpoint as ocp
 
 from uni_instruct_jax.convert.edm_to_flax import abstract_variables
 from uni_instruct_jax.convert.edm_to_flax import build_teacher
+from uni_instruct_jax.convert.edm_to_flax import MAX_PARAMS
 from uni_instruct_jax.convert.edm_to_flax import TeacherMetadata
 from uni_instruct_jax.convert.safe_unpickle import CheckpointFormatError
 
@@ -58,7 +59,7 @@ def load_teacher_metadata(directory: str | os.PathLike) -> TeacherMetadata:
   except FileNotFoundError:
     raise CheckpointFormatError(f'{directory}: not a teacher directory (no {NETWORK_JSON}; '
                                 'convert with python -m uni_instruct_jax.convert)') from None
-  except (ValueError, UnicodeDecodeError) as e:
+  except (ValueError, UnicodeDecodeError, RecursionError) as e:
     raise CheckpointFormatError(f'{path}: unreadable teacher metadata '
                                 f'({str(e).splitlines()[0]})') from None
 
@@ -75,8 +76,17 @@ def load_teacher(directory: str | os.PathLike, sharding: Any = None, dtype=jnp.f
     dtype: compute dtype of the model (params stay float32).
   """
   metadata = load_teacher_metadata(directory)
-  model = build_teacher(metadata, dtype)
-  abstract = abstract_variables(model)
+  path = pathlib.Path(directory).resolve() / VARIABLES
+  if not path.is_dir():
+    raise CheckpointFormatError(f'{directory}: no {VARIABLES}/ checkpoint beside {NETWORK_JSON}')
+  stored_bytes = sum(f.stat().st_size for f in path.rglob('*') if f.is_file())
+  # 4-byte float32 parameters, allowing the checkpoint's compression up to 64x.
+  model = build_teacher(metadata, dtype, max_params=min(MAX_PARAMS, 16 * stored_bytes),
+                        where=str(directory))
+  try:
+    abstract = abstract_variables(model)
+  except CheckpointFormatError as e:
+    raise CheckpointFormatError(f'{directory}: {e}') from None
   if sharding is None:  # restore to host, then place like load_edm_pickle (uncommitted)
     target = jax.tree.map(lambda a: np.empty(a.shape, a.dtype), abstract)
   else:
@@ -87,22 +97,39 @@ def load_teacher(directory: str | os.PathLike, sharding: Any = None, dtype=jnp.f
                             abstract, sharding)
     except ValueError as e:
       raise ValueError(f'sharding does not match the teacher variables: {e}') from None
-  path = pathlib.Path(directory).resolve() / VARIABLES
-  if not path.is_dir():
-    raise CheckpointFormatError(f'{directory}: no {VARIABLES}/ checkpoint beside {NETWORK_JSON}')
   try:
     with ocp.StandardCheckpointer() as checkpointer:
+      stored = checkpointer.metadata(path)  # orbax >= 0.12: StepMetadata; older: the tree
+      stored = getattr(stored, 'item_metadata', stored)
+      stored = getattr(stored, 'tree', stored)
+      if not stored:
+        raise ValueError('no array metadata')
+      _check_stored_shapes(path, stored, abstract)
       variables = checkpointer.restore(path, target)
-  except (ValueError, KeyError, TypeError, OSError) as e:
+  except CheckpointFormatError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  (orbax raises many kinds on bad data)
     message = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
     raise CheckpointFormatError(f'{path}: cannot restore the teacher variables ({message})'
                                 ) from None
-  for (key, want), got in zip(jax.tree_util.tree_leaves_with_path(abstract),
-                              jax.tree.leaves(variables)):
-    if got.shape != want.shape or got.dtype != want.dtype:
-      raise CheckpointFormatError(f'{path}: variable {jax.tree_util.keystr(key)} is '
-                                  f'{got.dtype}{list(got.shape)}, the network expects '
-                                  f'{want.dtype}{list(want.shape)}')
   if sharding is None:
     variables = jax.tree.map(jnp.asarray, variables)
   return model, variables
+
+
+def _check_stored_shapes(path: pathlib.Path, stored: Any, abstract: Any) -> None:
+  """Refuses, before anything is restored, a checkpoint whose arrays differ from the network's."""
+  def flat(tree):
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  stored, abstract = flat(stored), flat(abstract)
+  for key, want in abstract.items():
+    got = stored.get(key)
+    if got is None:
+      raise CheckpointFormatError(f'{path}: variable {key} is missing')
+    if tuple(got.shape) != want.shape or np.dtype(got.dtype) != want.dtype:
+      raise CheckpointFormatError(f'{path}: variable {key} is {np.dtype(got.dtype)}'
+                                  f'{list(got.shape)}, the network expects '
+                                  f'{want.dtype}{list(want.shape)}')
+  extra = sorted(set(stored) - set(abstract))
+  if extra:
+    raise CheckpointFormatError(f'{path}: unexpected variable {extra[0]}')

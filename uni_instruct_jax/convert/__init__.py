@@ -5,6 +5,7 @@ from uni_instruct_jax.convert.edm_to_flax import load_edm_pickle
 from uni_instruct_jax.convert.edm_to_flax import StateDictMismatchError
 from uni_instruct_jax.convert.edm_to_flax import TeacherMetadata
 from uni_instruct_jax.convert.safe_unpickle import CheckpointFormatError
+from uni_instruct_jax.convert.safe_unpickle import load_npz
 from uni_instruct_jax.convert.safe_unpickle import load_pickle
 from uni_instruct_jax.convert.safe_unpickle import load_torch_file
 from uni_instruct_jax.convert.safe_unpickle import load_torch_state_dict

@@ -6,6 +6,7 @@ Nothing in the pickle is executed and torch is not needed. Bad input prints one 
 on stderr and exits with status 2. Load the result with `uni_instruct_jax.checkpoint.load_teacher`.
 """
 
+import pathlib
 import sys
 
 from absl import app
@@ -21,15 +22,26 @@ _OUT = flags.DEFINE_string('out', None, 'Output teacher directory.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace a teacher already in --out.')
 
 
+def _check_out(out: str) -> None:
+  """Refuses an `--out` that is, or lies under, something other than a directory."""
+  for path in (pathlib.Path(out), *pathlib.Path(out).parents):
+    if path.exists() or path.is_symlink():
+      if not path.is_dir():
+        raise ValueError(f'--out={out}: {path} exists and is not a directory')
+      return
+
+
 def convert(edm_pkl: str | None, out: str | None, overwrite: bool = False) -> int:
   """Runs the conversion; returns the exit status (0, or 2 after one error line on stderr)."""
   try:
     if not edm_pkl or not out:
       raise ValueError('both --edm_pkl and --out are required')
+    _check_out(out)
     model, variables, metadata = convert_edm_pickle(edm_pkl)
     directory = checkpoint.save_teacher(out, variables, metadata, overwrite=overwrite)
-  except ValueError as e:  # CheckpointFormatError, UnsafePickleError, StateDictMismatchError.
-    print(f'error: {e}', file=sys.stderr)
+  except (ValueError, OSError) as e:  # CheckpointFormatError, UnsafePickleError, unwritable --out.
+    message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    print(f'error: {message}', file=sys.stderr)
     return 2
   count = sum(x.size for x in jax.tree.leaves(variables.get('params', {})))
   print(f'{type(model).__name__}({metadata.init_kwargs.get("model_type")}) with {count:,} '

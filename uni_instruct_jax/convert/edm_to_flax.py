@@ -7,6 +7,7 @@ rule (`torch_key_to_flax_path`, `torch_value_to_flax`, `resample_filters`).
 """
 
 import dataclasses
+import math
 import os
 from typing import Any
 
@@ -27,8 +28,81 @@ _DERIVED_UNET_KWARGS = {'img_resolution': 'img_resolution', 'label_dim': 'label_
                         'in_channels': 'img_channels', 'out_channels': 'img_channels'}
 
 
+# Sane ranges of the network kwargs, checked before anything is traced or allocated.
+MAX_PARAMS = 2_000_000_000
+_INT_RANGES = {
+    'img_resolution': (1, 1024), 'img_channels': (1, 64), 'label_dim': (0, 100_000),
+    'augment_dim': (0, 64), 'model_channels': (1, 2048), 'channel_mult_emb': (1, 16),
+    'channel_mult_noise': (1, 16), 'num_blocks': (0, 16), 'M': (1, 100_000)}
+_FLOAT_RANGES = {
+    'dropout': (0.0, 1.0), 'label_dropout': (0.0, 1.0), 'sigma_min': (0.0, 1e6),
+    'sigma_max': (0.0, math.inf), 'sigma_data': (1e-6, 1e3), 'beta_d': (1e-6, 1e3),
+    'beta_min': (0.0, 1e3), 'epsilon_t': (1e-12, 1.0)}
+_LIST_RANGES = {  # (min length, max length, min value, max value)
+    'channel_mult': (1, 8, 1, 16), 'attn_resolutions': (0, 16, 1, 1024),
+    'resample_filter': (1, 8, 0, 1024)}
+# UNet defaults: (model_channels, channel_mult, num_blocks).
+_DEFAULT_WIDTHS = {'DhariwalUNet': (192, (1, 2, 3, 4), 3), 'SongUNet': (128, (1, 2, 2, 2), 4)}
+
+
 class StateDictMismatchError(CheckpointFormatError):
   """The checkpoint's tensors do not match the network its kwargs describe."""
+
+
+def _check_number(key: str, value: Any, low: float, high: float, integer: bool) -> None:
+  kinds = (int,) if integer else (int, float)
+  if type(value) not in kinds or not low <= value <= high:  # NaN fails the comparison
+    raise CheckpointFormatError(f'network kwarg {key}={repr(value)[:40]} is not '
+                                f'{"an int" if integer else "a number"} in [{low}, {high}]')
+
+
+def check_network_kwargs(init_kwargs: dict, max_params: int = MAX_PARAMS) -> int:
+  """Checks EDM constructor kwargs against sane ranges; returns a lower bound on the parameters.
+
+  Args:
+    init_kwargs: `TeacherMetadata.init_kwargs` (JSON types).
+    max_params: refuse networks with more parameters than this (e.g. the tensor elements the
+      file holds: its state dict must carry every parameter).
+  Raises:
+    CheckpointFormatError naming the first kwarg outside its range, a resolution that the UNet
+    levels do not divide, or a network bound to have more than `max_params` parameters.
+  """
+  for key, value in init_kwargs.items():
+    if type(key) is not str or len(key) > 64 or (type(value) is str and len(value) > 64):
+      raise CheckpointFormatError('network kwarg names and string values must be short strings')
+    if key in _INT_RANGES:
+      _check_number(key, value, *_INT_RANGES[key], integer=True)
+    elif key in _FLOAT_RANGES:
+      _check_number(key, value, *_FLOAT_RANGES[key], integer=False)
+    elif key in _LIST_RANGES:
+      min_len, max_len, low, high = _LIST_RANGES[key]
+      if not (isinstance(value, list) and min_len <= len(value) <= max_len):
+        raise CheckpointFormatError(f'network kwarg {key} is not a list of {min_len}..{max_len} '
+                                    'numbers')
+      for item in value:
+        _check_number(key, item, low, high, integer=True)
+    elif key == 'use_fp16' and type(value) is not bool:
+      raise CheckpointFormatError(f'network kwarg use_fp16={value!r} is not a bool')
+    elif type(value) is not str and key != 'use_fp16':
+      raise CheckpointFormatError(f'network kwarg {key} is a {type(value).__name__}')
+  for key in ('img_resolution', 'img_channels'):
+    if key not in init_kwargs:
+      raise CheckpointFormatError(f'network kwargs lack {key}')
+  channels, mult, blocks = _DEFAULT_WIDTHS.get(init_kwargs.get('model_type'),
+                                                     _DEFAULT_WIDTHS['SongUNet'])
+  channels = init_kwargs.get('model_channels', channels)
+  mult = init_kwargs.get('channel_mult', mult)
+  blocks = init_kwargs.get('num_blocks', blocks)
+  if init_kwargs['img_resolution'] % (1 << (len(mult) - 1)):
+    raise CheckpointFormatError(f'network kwarg img_resolution={init_kwargs["img_resolution"]} '
+                                f'is not divisible by 2^{len(mult) - 1} ({len(mult)} levels)')
+  # Every level has >= 2 * num_blocks + 1 3x3 convolutions of its width to itself.
+  bound = sum((2 * blocks + 1) * 9 * (channels * m) ** 2 for m in mult)
+  bound += init_kwargs.get('label_dim', 0) * channels  # map_label: label_dim -> >= channels
+  if bound > max_params:
+    raise CheckpointFormatError(f'network kwargs describe at least {bound:,} parameters, more '
+                                f'than the {max_params:,} allowed')
+  return bound
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,14 +129,18 @@ class TeacherMetadata:
 
   @classmethod
   def from_json(cls, data: Any) -> 'TeacherMetadata':
-    fields = [f.name for f in dataclasses.fields(cls)]
+    fields = {f.name: f.type for f in dataclasses.fields(cls)}
     if not isinstance(data, dict) or sorted(data) != sorted(fields):
-      raise CheckpointFormatError(f'teacher metadata must have exactly the fields {fields}')
+      raise CheckpointFormatError(f'teacher metadata must have exactly the fields {list(fields)}')
+    for name, kind in fields.items():
+      if type(data[name]) is not kind:
+        raise CheckpointFormatError(f'teacher metadata field {name} is not a {kind.__name__}')
     return cls(**data)
 
 
 def _json_value(value: Any, where: str, strict: bool = True) -> Any:
-  """Pickled kwarg value -> JSON type (tuples as lists); non-JSON values raise, or become repr."""
+  """Pickled kwarg value -> JSON type (tuples as lists); non-JSON values raise, or become
+  '<type name>'."""
   if isinstance(value, np.generic):
     value = value.item()
   if value is None or isinstance(value, (bool, int, float, str)):
@@ -70,10 +148,11 @@ def _json_value(value: Any, where: str, strict: bool = True) -> Any:
   if isinstance(value, (list, tuple)):
     return [_json_value(v, where, strict) for v in value]
   if isinstance(value, dict) and all(isinstance(k, str) for k in value):
-    return {k: _json_value(v, f'{where}.{k}', strict) for k, v in value.items()}
+    return {k: _json_value(v, f'{where}.{k[:100]}', strict) for k, v in value.items()}
   if strict:
-    raise CheckpointFormatError(f'{where} holds a {type(value).__name__}, not a plain value')
-  return repr(value)
+    raise CheckpointFormatError(f'{where[:200]} holds a {type(value).__name__}, not a plain '
+                                'value')
+  return f'<{type(value).__name__}>'
 
 
 def _persistent(obj: Any, what: str) -> safe_unpickle.PersistentObject:
@@ -125,7 +204,13 @@ def torch_state_dict(module: Any, prefix: str = '') -> dict[str, np.ndarray]:
     raise CheckpointFormatError(f'module {prefix or "<root>"} is a {type(module).__name__}')
   state = module.state
   skip = state.get('_non_persistent_buffers_set') or set()
+  if not isinstance(skip, (set, frozenset, list, tuple)):
+    raise CheckpointFormatError(f'{prefix}_non_persistent_buffers_set is a '
+                                f'{type(skip).__name__}')
   out = {}
+  if len(prefix) > safe_unpickle.MAX_KEY_CHARS:
+    raise CheckpointFormatError(f'a state dict key is longer than {safe_unpickle.MAX_KEY_CHARS} '
+                                'characters')
   for group in ('_parameters', '_buffers', '_modules'):
     entries = state.get(group, {})
     if not isinstance(entries, dict):
@@ -145,10 +230,15 @@ def torch_state_dict(module: Any, prefix: str = '') -> dict[str, np.ndarray]:
 def abstract_variables(model: networks.Precond) -> dict:
   """`jax.eval_shape` of the model's variables {'params', ['buffers']} (ShapeDtypeStruct leaves)."""
   res, ch = model.img_resolution, model.img_channels
-  x = jnp.zeros((1, res, res, ch), jnp.float32)
-  sigma = jnp.ones((1,), jnp.float32)
+  x = jax.ShapeDtypeStruct((1, res, res, ch), jnp.float32)
+  sigma = jax.ShapeDtypeStruct((1,), jnp.float32)
   rngs = {'params': jax.random.key(0), 'dropout': jax.random.key(1)}
-  return jax.eval_shape(model.init, rngs, x, sigma)
+  try:
+    return jax.eval_shape(model.init, rngs, x, sigma)
+  except Exception as e:  # pylint: disable=broad-except  (kwargs that the networks reject)
+    message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+    raise CheckpointFormatError(f'cannot build {type(model).__name__} from its kwargs '
+                                f'({type(e).__name__}: {message})') from None
 
 
 def state_dict_to_variables(model: networks.Precond, state_dict: dict[str, np.ndarray]) -> dict:
@@ -222,26 +312,40 @@ def read_edm_snapshot(path: str | os.PathLike) -> tuple[TeacherMetadata, dict[st
     return metadata, torch_state_dict(ema)
   except CheckpointFormatError as e:
     raise type(e)(f'{path}: {e}') from None
+  except Exception as e:  # pylint: disable=broad-except  (any other structure is a bad file)
+    message = str(e).strip().splitlines()[0][:200] if str(e).strip() else ''
+    raise CheckpointFormatError(f'{path}: not an EDM snapshot ({type(e).__name__}: '
+                                f'{message})') from None
 
 
-def build_teacher(metadata: TeacherMetadata, dtype=jnp.float32) -> networks.Precond:
-  """The Flax preconditioner described by `metadata` (compute dtype `dtype`, float32 params)."""
+def build_teacher(metadata: TeacherMetadata, dtype=jnp.float32, max_params: int = MAX_PARAMS,
+                  where: str | None = None) -> networks.Precond:
+  """The Flax preconditioner described by `metadata` (compute dtype `dtype`, float32 params).
+
+  The kwargs are checked first (`check_network_kwargs`, with `max_params`), so nothing is traced
+  or allocated for a network that no file of this size can hold. Errors start with `where`
+  (default: the metadata's source path).
+  """
   try:
+    if not isinstance(metadata.init_kwargs, dict) or not isinstance(metadata.class_name, str):
+      raise CheckpointFormatError('the teacher metadata has no class name and kwargs dict')
+    check_network_kwargs(metadata.init_kwargs, max_params)
     return networks.build_network(metadata.class_name, metadata.init_kwargs, dtype)
   except (TypeError, ValueError) as e:
-    raise CheckpointFormatError(f'{metadata.source_path}: cannot build {metadata.class_name}: '
-                                f'{e}') from None
+    raise CheckpointFormatError(f'{where or metadata.source_path}: cannot build '
+                                f'{str(metadata.class_name)[:100]}: {str(e)[:300]}') from None
 
 
 def convert_edm_pickle(path: str | os.PathLike, dtype=jnp.float32
                        ) -> tuple[networks.Precond, dict, TeacherMetadata]:
   """EDM snapshot pickle -> (Flax model, variables {'params', ['buffers']}, metadata)."""
   metadata, state_dict = read_edm_snapshot(path)
-  model = build_teacher(metadata, dtype)
+  elements = sum(value.size for value in state_dict.values())
+  model = build_teacher(metadata, dtype, max_params=min(MAX_PARAMS, elements))
   try:
     variables = state_dict_to_variables(model, state_dict)
-  except StateDictMismatchError as e:
-    raise StateDictMismatchError(f'{os.fspath(path)}: {e}') from None
+  except CheckpointFormatError as e:
+    raise type(e)(f'{os.fspath(path)}: {e}') from None
   return model, jax.tree.map(jnp.asarray, variables), metadata
 
 

@@ -311,11 +311,13 @@ def load_inception_params(path) -> dict:
         f"Inception weights not found at {path}. Download pytorch-fid's {PYTORCH_FID_WEIGHTS_URL} "
         "and pass its path (--inception_path / config.eval.inception_path).")
   if path.suffix == ".npz":
-    with np.load(path, allow_pickle=False) as z:
-      sd = {k: z[k] for k in z.files}
+    sd = safe_unpickle.load_npz(path)
   else:
     sd = safe_unpickle.load_torch_state_dict(path)
-  return params_from_torch_state_dict(sd)
+  try:
+    return params_from_torch_state_dict(sd)
+  except InceptionWeightsError as e:
+    raise InceptionWeightsError(f"{path}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- inference

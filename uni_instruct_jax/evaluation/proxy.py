@@ -114,7 +114,10 @@ def load_proxy_params(path) -> dict:
   if not path.is_file():
     raise FileNotFoundError(f"ResNet56 proxy weights not found at {path} (see "
                             "../shared/weights/README.md: resnet56-cifar10-4bfd9763.th)")
-  return params_from_torch_state_dict(safe_unpickle.load_torch_state_dict(path))
+  try:
+    return params_from_torch_state_dict(safe_unpickle.load_torch_state_dict(path))
+  except inception.InceptionWeightsError as e:
+    raise inception.InceptionWeightsError(f"{path}: {e}") from None
 
 
 @jax.jit
