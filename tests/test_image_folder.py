@@ -1,0 +1,98 @@
+"""EDM generate.py image folders: file layout, PNG content, dataset.json labels, per-seed inputs."""
+
+import json
+import os
+
+import ml_collections
+import numpy as np
+import PIL.Image
+import pytest
+
+from uni_instruct_jax import data
+from uni_instruct_jax import image_folder
+
+
+def _images(n, channels=3, size=8, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+def test_layout_content_and_labels_read_back(tmp_path):
+  seeds = [0, 1, 999, 1000, 2500]
+  images = _images(len(seeds))
+  labels = [3, 0, 9, 3, 1]
+  progress = []
+  out = image_folder.write_edm_folder(iter([images[:3], images[3:]]), seeds, labels,
+                                      tmp_path / 'fakes', progress=lambda *a: progress.append(a))
+  assert progress == [(3, 5), (5, 5)]
+  files = sorted(os.path.relpath(os.path.join(root, f), out).replace(os.sep, '/')
+                 for root, _, names in os.walk(out) for f in names)
+  expected = ['000000/000000.png', '000000/000001.png', '000000/000999.png',
+              '001000/001000.png', '002000/002500.png']
+  assert files == sorted(expected + ['dataset.json'])
+  for name, image in zip(expected, images):
+    with PIL.Image.open(out / name) as png:
+      assert png.format == 'PNG' and png.mode == 'RGB'
+      np.testing.assert_array_equal(np.asarray(png), image)
+  assert json.loads((out / 'dataset.json').read_text()) == {
+      'labels': [[n, c] for n, c in zip(expected, labels)]}
+  # This project's folder reader sees the same images and labels (EDM's dataset.json rules).
+  config = data.get_data_config()
+  config.update(path=str(out), use_labels=True, shuffle=False, prefetch=0, num_threads=0)
+  dataset = data.create_dataset(config, len(seeds), 0, 0, 1)
+  batch = dataset.next()
+  np.testing.assert_array_equal(np.rint((batch['image'] + 1) * 127.5).astype(np.uint8), images)
+  np.testing.assert_array_equal(batch['label'].argmax(1), labels)
+  assert dataset.label_dim == 10
+
+
+def test_grey_unconditional_and_flat(tmp_path):
+  images = _images(2, channels=1)
+  out = image_folder.write_edm_folder([images], [7, 3], None, tmp_path / 'grey', subdirs=False)
+  assert sorted(p.name for p in out.iterdir()) == ['000003.png', '000007.png', 'dataset.json']
+  with PIL.Image.open(out / '000003.png') as png:
+    assert png.mode == 'L'
+    np.testing.assert_array_equal(np.asarray(png), images[1, :, :, 0])
+  assert json.loads((out / 'dataset.json').read_text()) == {'labels': None}
+  one_hot = np.eye(4)[[2, 1]]
+  out = image_folder.write_edm_folder([images], [0, 1], one_hot, tmp_path / 'onehot')
+  assert [c for _, c in json.loads((out / 'dataset.json').read_text())['labels']] == [2, 1]
+
+
+@pytest.mark.parametrize('batches, seeds, labels, message', [
+    ([_images(2)], [0, 0], None, 'distinct'),
+    ([_images(2)], [0, -1], None, 'distinct'),
+    ([_images(2)], [0, 1, 2], None, '2 images for 3 seeds'),
+    ([_images(3)], [0, 1], None, 'more images'),
+    ([_images(2).astype(np.float32)], [0, 1], None, 'uint8'),
+    ([_images(1), _images(1, size=4)], [0, 1], None, 'one image shape'),
+    ([_images(2)], [0, 1], [0.5, 1.0], 'class ids'),
+    ([_images(2)], [0, 1], [[0.5, 0.5], [1, 0]], 'one-hot'),
+])
+def test_bad_input(tmp_path, batches, seeds, labels, message):
+  with pytest.raises(image_folder.ImageFolderError, match=message):
+    image_folder.write_edm_folder(batches, seeds, labels, tmp_path / 'out')
+  assert not (tmp_path / 'out' / 'dataset.json').exists()
+
+
+def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+  (tmp_path / 'old.png').write_bytes(b'')
+  with pytest.raises(image_folder.ImageFolderError, match='not an empty directory'):
+    image_folder.write_edm_folder([_images(1)], [0], None, tmp_path)
+  image_folder.write_edm_folder([_images(1)], [0], None, tmp_path, overwrite=True)
+  assert (tmp_path / '000000' / '000000.png').is_file()
+
+
+def test_seed_inputs_depend_only_on_the_seed():
+  z, classes = image_folder.seed_inputs([5, 6, 7], (4, 4, 3), label_dim=10)
+  z_alone, classes_alone = image_folder.seed_inputs([6], (4, 4, 3), label_dim=10)
+  np.testing.assert_array_equal(z[1], z_alone[0])
+  assert int(classes[1]) == int(classes_alone[0])
+  assert z.shape == (3, 4, 4, 3) and z.dtype == np.float32 and not np.array_equal(z[0], z[2])
+  assert 0.5 < float(np.std(np.asarray(image_folder.seed_inputs(range(64), (8,), 0)[0]))) < 1.5
+  many = np.asarray(image_folder.seed_inputs(range(200), (1,), label_dim=10)[1])
+  assert many.min() == 0 and many.max() == 9
+  assert image_folder.seed_inputs([1], (2,), label_dim=0)[1] is None
+  _, fixed = image_folder.seed_inputs([1, 2], (2,), label_dim=10, class_idx=4)
+  assert list(np.asarray(fixed)) == [4, 4]
+  with pytest.raises(image_folder.ImageFolderError, match='class_idx'):
+    image_folder.seed_inputs([1], (2,), label_dim=10, class_idx=10)
