@@ -67,20 +67,28 @@ def workdir(tmp_path_factory):
   return dict(path=path, pkl=pkl, model=nets.gen, buffers=frozen['buffers'], states=saved)
 
 
-def test_unchanged_teacher_exports_as_edms_own_state_dict(workdir, tmp_path):
+@pytest.fixture(scope='module')
+def exported(workdir, tmp_path_factory):
+  """{'ema': [student.pt, .json, -fake_score.pt, .json], 'best': [best.pt, best.json]}."""
+  out = tmp_path_factory.mktemp('exported')
+  return {'ema': export.export(workdir['path'], out / 'student.pt', fake_score=True),
+          'best': export.export(workdir['path'], out / 'best.pt', which='best')}
+
+
+def test_unchanged_teacher_exports_as_edms_own_state_dict(workdir, exported):
   """The fake score (still the teacher) comes out bit for bit as EDM's state_dict() of the pickle:
   names, torch shapes, dtypes, values, freqs and resample_filter buffers included."""
-  paths = export.export(workdir['path'], tmp_path / 'student.pt', fake_score=True)
+  paths = exported['ema']
   assert [p.name for p in paths] == ['student.pt', 'student.json', 'student-fake_score.pt',
                                      'student-fake_score.json']
   metadata, reference = edm_to_flax.read_edm_snapshot(workdir['pkl'])
-  loaded = safe_unpickle.load_torch_state_dict(tmp_path / 'student-fake_score.pt')
+  loaded = safe_unpickle.load_torch_state_dict(paths[2])
   assert sorted(loaded) == sorted(reference)
   for key, value in reference.items():
     assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
     np.testing.assert_array_equal(loaded[key], value, err_msg=key)
   # The constructor kwargs build the same network as the pickle's own kwargs.
-  meta = json.loads((tmp_path / 'student.json').read_text())
+  meta = json.loads(paths[1].read_text())
   assert meta['class_name'] == metadata.class_name == 'EDMPrecond'
   assert (networks.build_network(meta['class_name'], meta['kwargs'])
           == networks.build_network(metadata.class_name, metadata.init_kwargs))
@@ -89,9 +97,8 @@ def test_unchanged_teacher_exports_as_edms_own_state_dict(workdir, tmp_path):
 
 
 @pytest.mark.parametrize('which', ['ema', 'best'])
-def test_round_trip_to_identical_flax_variables(workdir, tmp_path, which):
-  out = tmp_path / f'{which}.pt'
-  export.export(workdir['path'], out, which=which)
+def test_round_trip_to_identical_flax_variables(workdir, exported, which):
+  out = exported[which][0]
   state = workdir['states']['checkpoints' if which == 'ema' else 'checkpoints-best']
   state_dict = safe_unpickle.load_torch_state_dict(out)
   variables = edm_to_flax.state_dict_to_variables(workdir['model'], state_dict)
@@ -155,9 +162,10 @@ def test_file_layout_and_opcodes_are_torchs(tmp_path):
   with zipfile.ZipFile(path) as archive:
     infos = archive.infolist()
     names = [i.filename for i in infos]
-    assert names == ['archive/data.pkl', 'archive/.format_version', 'archive/.storage_alignment',
-                     'archive/byteorder', *[f'archive/data/{i}' for i in range(len(arrays))],
-                     'archive/version', 'archive/.data/serialization_id']
+    # No '.format_version': with an empty storage torch must read the data offsets from headers.
+    assert names == ['archive/data.pkl', 'archive/.storage_alignment', 'archive/byteorder',
+                     *[f'archive/data/{i}' for i in range(len(arrays))], 'archive/version',
+                     'archive/.data/serialization_id']
     assert all(i.compress_type == zipfile.ZIP_STORED for i in infos)
     assert archive.read('archive/version') == b'3\n'
     assert archive.read('archive/byteorder') == b'little'
@@ -217,3 +225,31 @@ def test_bad_input_is_one_error_line(workdir, tmp_path, capsys):
   proc = subprocess.run([sys.executable, '-m', 'uni_instruct_jax.export', f'--workdir={empty}'],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and proc.stderr == 'error: both --workdir and --out are required\n'
+
+
+def test_storage_offsets_follow_minizs_layout(exported):
+  """With '.format_version' 1, torch (serialization._load's _get_offset: fake-tensor and
+  calculate_storage_offsets loads) computes every storage's data offset without reading headers:
+  the first from its header, each next one from the end of the previous data + a 16-byte data
+  descriptor + a local header '<archive>/data/<k>' with an 'FB' extra padding it to 64 bytes."""
+  path = exported['ema'][0]
+  offsets = _data_offsets(path)
+  raw = path.read_bytes()
+  with zipfile.ZipFile(path) as archive:
+    assert archive.read('archive/.format_version') == b'1'
+    assert archive.read('archive/.storage_alignment') == b'64'
+    infos = [i for i in archive.infolist() if i.filename.startswith('archive/data/')]
+  assert [i.filename for i in infos] == [f'archive/data/{k}' for k in range(len(infos))]
+  current = None
+  for info in infos:
+    flags, crc = struct.unpack('<H6xI', raw[info.header_offset + 6:info.header_offset + 18])
+    assert flags & 0x08 and crc == 0  # sizes and CRC follow the data, in a data descriptor
+    if current is None:
+      computed = offsets[info.filename]
+    else:
+      start = current + 30 + len(info.filename) + 4
+      computed = start + -start % 64
+    assert computed == offsets[info.filename], info.filename
+    descriptor = raw[computed + info.file_size:computed + info.file_size + 16]
+    assert descriptor == struct.pack('<4I', 0x08074B50, info.CRC, info.file_size, info.file_size)
+    current = computed + info.file_size + 16

@@ -25,7 +25,9 @@ torch/serialization.py `_save`): zip records `archive/data.pkl` (pickle protocol
 `archive/.format_version`, `archive/.storage_alignment`, `archive/byteorder`, `archive/data/<k>`
 (raw little-endian storages, numbered in pickle order), `archive/version`,
 `archive/.data/serialization_id`; stored uncompressed, every record's data starting on a 64-byte
-boundary (an 'FB' zip extra field pads the local header). The pickle is written opcode by opcode
+boundary (an 'FB' zip extra field pads the local header) and followed by a data descriptor, as
+torch's miniz writer lays them out (torch computes storage offsets from that layout when
+`.format_version` is present). The pickle is written opcode by opcode
 and uses only what torch's weights_only unpickler allows: GLOBALs `collections.OrderedDict`,
 `torch._utils._rebuild_tensor_v2` and `torch.<Type>Storage`, storages as BINPERSID of
 ('storage', storage_type, key, 'cpu', numel).
@@ -140,6 +142,20 @@ class _PickleWriter:
     return bytes(self.out + pickle.STOP)
 
 
+class _WriteOnly:
+  """A file without seek/tell: zipfile then writes each record as torch's miniz writer does, local
+  header without sizes (flag bit 3), data, 16-byte data descriptor."""
+
+  def __init__(self, f):
+    self._f = f
+
+  def write(self, data) -> int:
+    return self._f.write(data)
+
+  def flush(self) -> None:
+    self._f.flush()
+
+
 def _write_record(archive: zipfile.ZipFile, name: str, data) -> int:
   """Writes one stored record whose data starts on a 64-byte boundary; returns its CRC-32."""
   data = memoryview(data)
@@ -172,11 +188,18 @@ def write_torch_state_dict(path: str | os.PathLike, state_dict: Mapping[str, np.
   path = pathlib.Path(path)
   tmp = path.with_name(path.name + '.tmp')
   names, crcs = [], []
-  with zipfile.ZipFile(tmp, 'w', zipfile.ZIP_STORED, allowZip64=True) as archive:
-    records = [('data.pkl', data_pkl), ('.format_version', b'1'),
-               ('.storage_alignment', str(ALIGNMENT).encode()), ('byteorder', b'little')]
-    records += [(f'data/{i}', a.reshape(-1).view(np.uint8)) for i, a in enumerate(arrays.values())]
-    records += [('version', f'{FILE_FORMAT_VERSION}\n'.encode())]
+  storages = [(f'data/{i}', a.reshape(-1).view(np.uint8)) for i, a in enumerate(arrays.values())]
+  # '.format_version' 1 tells torch it may compute storage offsets from miniz's layout (fake-tensor
+  # and mmap loads); zipfile's matches it while no record or offset needs zip64 and no storage is
+  # empty (miniz writes no data descriptor after an empty record). Otherwise torch reads headers.
+  size = len(data_pkl) + sum(a.nbytes for a in arrays.values()) + 256 * (len(arrays) + 8)
+  miniz_layout = size * 1.05 < zipfile.ZIP64_LIMIT and all(a.size for a in arrays.values())
+  format_version = [('.format_version', b'1')] if miniz_layout else []
+  records = [('data.pkl', data_pkl), *format_version,
+             ('.storage_alignment', str(ALIGNMENT).encode()), ('byteorder', b'little'),
+             *storages, ('version', f'{FILE_FORMAT_VERSION}\n'.encode())]
+  with open(tmp, 'wb') as f, zipfile.ZipFile(_WriteOnly(f), 'w', zipfile.ZIP_STORED,
+                                             allowZip64=True) as archive:
     for name, data in records:
       names.append(name)
       crcs.append(_write_record(archive, name, data))
