@@ -83,16 +83,43 @@ def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
 
 
 def test_seed_inputs_depend_only_on_the_seed():
-  z, classes = image_folder.seed_inputs([5, 6, 7], (4, 4, 3), label_dim=10)
+  z, classes = image_folder.seed_inputs(range(200), (4, 4, 3), label_dim=10)
   z_alone, classes_alone = image_folder.seed_inputs([6], (4, 4, 3), label_dim=10)
-  np.testing.assert_array_equal(z[1], z_alone[0])
-  assert int(classes[1]) == int(classes_alone[0])
-  assert z.shape == (3, 4, 4, 3) and z.dtype == np.float32 and not np.array_equal(z[0], z[2])
-  assert 0.5 < float(np.std(np.asarray(image_folder.seed_inputs(range(64), (8,), 0)[0]))) < 1.5
-  many = np.asarray(image_folder.seed_inputs(range(200), (1,), label_dim=10)[1])
-  assert many.min() == 0 and many.max() == 9
-  assert image_folder.seed_inputs([1], (2,), label_dim=0)[1] is None
-  _, fixed = image_folder.seed_inputs([1, 2], (2,), label_dim=10, class_idx=4)
-  assert list(np.asarray(fixed)) == [4, 4]
+  np.testing.assert_array_equal(z[6], z_alone[0])
+  assert int(classes[6]) == int(classes_alone[0])
+  assert z.shape == (200, 4, 4, 3) and z.dtype == np.float32 and not np.array_equal(z[0], z[1])
+  assert abs(float(np.mean(z))) < 0.05 and abs(float(np.std(z)) - 1) < 0.05
+  assert int(np.min(classes)) == 0 and int(np.max(classes)) == 9
+  _, fixed = image_folder.seed_inputs([6], (4, 4, 3), label_dim=10, class_idx=4)
+  assert list(np.asarray(fixed)) == [4]
+  z_uncond, none = image_folder.seed_inputs([6], (4, 4, 3), label_dim=0)
+  assert none is None
+  np.testing.assert_array_equal(z_uncond, z_alone)
   with pytest.raises(image_folder.ImageFolderError, match='class_idx'):
     image_folder.seed_inputs([1], (2,), label_dim=10, class_idx=10)
+
+
+def test_generated_folder_matches_each_seed_alone(tmp_path):
+  """Files depend only on their seed (batching and padding of the last batch do not matter) and
+  dataset.json records the class each image was generated with."""
+  calls = []
+
+  def generate(z, labels):  # image = a function of the latent, label colour in channel 0
+    calls.append(z.shape[0])
+    images = np.clip(np.asarray(z) * 40 + 128, 0, 255).astype(np.uint8)
+    images[..., 0] = np.asarray(labels).argmax(1)[:, None, None] * 20
+    return images
+
+  seeds = list(range(995, 1005))
+  out = image_folder.write_generated_folder(generate, seeds, (4, 4, 3), 10, tmp_path / 'gen',
+                                            batch_size=4)
+  assert calls == [4, 4, 4]
+  labels = dict(json.loads((out / 'dataset.json').read_text())['labels'])
+  for seed in (995, 1000, 1004):
+    z, ids = image_folder.seed_inputs([seed], (4, 4, 3), 10)
+    alone = generate(z, np.eye(10)[np.asarray(ids)])[0]
+    name = image_folder.seed_path(seed)
+    with PIL.Image.open(out / name) as png:
+      np.testing.assert_array_equal(np.asarray(png), alone)
+    assert labels[name] == int(ids[0])
+  assert len(labels) == 10 and len(set(labels.values())) > 1

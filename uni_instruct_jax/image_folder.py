@@ -12,12 +12,15 @@ be regenerated alone.
 """
 
 import concurrent.futures
+import functools
 import io
 import json
 import os
 import pathlib
-from typing import Callable, Iterable, Optional, Sequence, Tuple
+from typing import Any, Callable, Iterable, Optional, Sequence, Tuple
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 
@@ -50,18 +53,23 @@ def seed_inputs(seeds: Sequence[int], shape: Tuple[int, ...], label_dim: int,
   label_dim == 0): seed s uses jax.random.key(s), split into a latent key and a class key, so a
   seed's inputs do not depend on the other seeds of its batch. `class_idx` fixes every class.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  keys = jax.vmap(jax.random.key)(jnp.asarray(np.asarray(seeds, np.int64) % (1 << 32), jnp.uint32))
-  key_z, key_c = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
-  z = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(key_z)
+  if class_idx is not None and not 0 <= class_idx < label_dim:
+    raise ImageFolderError(f'class_idx {class_idx} is outside [0, {label_dim})')
+  seeds = (np.asarray(seeds, np.int64) % (1 << 32)).astype(np.uint32)
+  z, classes = _seed_inputs(seeds, tuple(shape), label_dim)
   if label_dim == 0:
     return z, None
-  if class_idx is not None:
-    if not 0 <= class_idx < label_dim:
-      raise ImageFolderError(f'class_idx {class_idx} is outside [0, {label_dim})')
-    return z, jnp.full((len(seeds),), class_idx, jnp.int32)
-  return z, jax.vmap(lambda k: jax.random.randint(k, (), 0, label_dim, jnp.int32))(key_c)
+  return z, classes if class_idx is None else np.full(len(z), class_idx, np.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _seed_inputs(seeds: jax.Array, shape: Tuple[int, ...], label_dim: int):
+  """(z [n, *shape], class ids [n]) from uint32 seeds [n]; see `seed_inputs`."""
+  keys = jax.vmap(jax.random.key)(seeds)
+  key_z, key_c = jnp.moveaxis(jax.vmap(jax.random.split)(keys), 1, 0)
+  z = jax.vmap(lambda k: jax.random.normal(k, shape, jnp.float32))(key_z)
+  classes = jax.vmap(lambda k: jax.random.randint(k, (), 0, max(label_dim, 1), jnp.int32))(key_c)
+  return z, classes
 
 
 def _check_seeds_and_labels(seeds: Sequence[int], labels) -> Tuple[list, Optional[list]]:
@@ -134,3 +142,33 @@ def write_edm_folder(images: Iterable[np.ndarray], seeds: Sequence[int], labels,
   tmp.write_text(json.dumps({'labels': entries}))
   tmp.replace(out_dir / 'dataset.json')
   return out_dir
+
+
+def write_generated_folder(generate: Callable[..., Any], seeds: Sequence[int],
+                           shape: Tuple[int, ...], label_dim: int, out_dir: str | os.PathLike,
+                           batch_size: int = 256, class_idx: Optional[int] = None,
+                           **kwargs) -> pathlib.Path:
+  """Runs `generate` on every seed's inputs and writes the EDM image folder; returns OUT.
+
+  Args:
+    generate: generate(z float32 [batch_size, *shape], one-hot labels [batch_size, label_dim] or
+      None) -> uint8 images [batch_size, H, W, C]; called with a fixed batch size (the last batch
+      is padded with repeated seeds, their images dropped), so a jitted function compiles once.
+    seeds, class_idx: as in `seed_inputs`; shape: one latent's shape; label_dim: classes (0: none).
+    out_dir, **kwargs: as in `write_edm_folder` (subdirs, overwrite, progress, num_threads).
+  """
+  seeds = [int(s) for s in seeds]
+  if batch_size <= 0:
+    raise ImageFolderError(f'batch_size must be positive, got {batch_size}')
+  _, classes = seed_inputs(seeds, (), label_dim, class_idx)
+
+  def batches():
+    for start in range(0, len(seeds), batch_size):
+      chunk = seeds[start:start + batch_size]
+      padded = chunk + chunk[-1:] * (batch_size - len(chunk))
+      z, ids = seed_inputs(padded, shape, label_dim, class_idx)
+      labels = None if ids is None else jax.nn.one_hot(ids, label_dim)
+      yield np.asarray(generate(z, labels))[:len(chunk)]
+
+  return write_edm_folder(batches(), seeds, None if classes is None else np.asarray(classes),
+                          out_dir, **kwargs)
