@@ -213,18 +213,24 @@ def test_bad_input_is_one_error_line(workdir, tmp_path, capsys):
            (workdir['path'], tmp_path / 'a.json', 'ema', 'must not end in .json'),
            (workdir['path'], tmp_path / 'a.pt', 'last', '--which')]
   for path, out, which, message in cases:
-    assert export.cli(str(path), str(out), which) == 2
+    with pytest.raises(SystemExit) as exit_info:
+      export.cli(str(path), str(out), which)
+    assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: ') and message in err and err.count('\n') == 1, err
   empty = tmp_path / 'empty'
   empty.mkdir()
   (empty / 'config.json').write_text((workdir['path'] / 'config.json').read_text())
-  assert export.cli(str(empty), str(tmp_path / 'a.pt'), 'best') == 2
+  with pytest.raises(SystemExit):
+    export.cli(str(empty), str(tmp_path / 'a.pt'), 'best')
   assert 'no checkpoint in' in capsys.readouterr().err
   assert not list(tmp_path.glob('a*'))
   proc = subprocess.run([sys.executable, '-m', 'uni_instruct_jax.export', f'--workdir={empty}'],
                         cwd=ROOT, capture_output=True, text=True, timeout=300)
   assert proc.returncode == 2 and proc.stderr == 'error: both --workdir and --out are required\n'
+  proc = subprocess.run([sys.executable, '-m', 'uni_instruct_jax.export', '--which=last'],
+                        cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 2 and proc.stderr.startswith('error: flag --which=last')
 
 
 def test_storage_offsets_follow_minizs_layout(exported):

@@ -43,12 +43,23 @@ import os
 import pathlib
 import pickle
 import struct
-import sys
 import zipfile
 import zlib
 from typing import Any, Dict, Mapping, Optional, Tuple
 
+from absl import app
+from absl import flags
+from absl import logging
+from flax import traverse_util
+import jax
+import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+
+from uni_instruct_jax import cli as cli_lib
+from uni_instruct_jax import networks
+from uni_instruct_jax import train
+from uni_instruct_jax import train_state as ts
 
 ARCHIVE = 'archive'
 ALIGNMENT = 64                 # torch's kFieldAlignment: data records start on this boundary.
@@ -220,7 +231,6 @@ def flax_path_to_torch_key(path: Tuple[str, ...]) -> str:
 
   ('params', 'model', 'enc_16x16_block0', 'conv0', 'kernel') -> 'model.enc.16x16_block0.conv0.weight'.
   """
-  from uni_instruct_jax import networks  # pylint: disable=import-outside-toplevel
   collection, *modules, leaf = path
   names = {('params', 'kernel'): 'weight', ('params', 'scale'): 'weight',
            ('params', 'bias'): 'bias', ('buffers', 'freqs'): 'freqs'}
@@ -254,8 +264,6 @@ def torch_state_dict(model: Any, variables: Mapping[str, Any]) -> Dict[str, np.n
     Every parameter and persistent buffer EDM's `state_dict()` holds, the config's
     `resample_filter` buffers included, in torch layouts.
   """
-  from flax import traverse_util  # pylint: disable=import-outside-toplevel
-  from uni_instruct_jax import networks  # pylint: disable=import-outside-toplevel
   out = {}
   for path, value in traverse_util.flatten_dict(dict(variables)).items():
     key = flax_path_to_torch_key(path)
@@ -291,7 +299,6 @@ def edm_constructor(model: Any) -> Tuple[str, Dict[str, Any]]:
 
 
 def _load_config(workdir: pathlib.Path):
-  import ml_collections  # pylint: disable=import-outside-toplevel
   path = workdir / 'config.json'
   try:
     return ml_collections.ConfigDict(json.loads(path.read_text()))
@@ -307,8 +314,6 @@ def restore_params(workdir: str | os.PathLike, which: str = 'ema', fake_score: b
 
   Only these subtrees are read (numpy arrays on the host); optimizer states stay on disk.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   if which not in _CHECKPOINT_DIRS:
     raise ExportError(f'--which must be one of {sorted(_CHECKPOINT_DIRS)}, got {which!r}')
   directory = pathlib.Path(workdir).resolve() / _CHECKPOINT_DIRS[which]
@@ -345,8 +350,6 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = 'ema
   Returns the written paths: out, out.json[, out-fake_score.pt, out-fake_score.json].
   Raises ExportError (or train.SetupError for an unloadable teacher) on bad input.
   """
-  from uni_instruct_jax import train  # pylint: disable=import-outside-toplevel
-  from uni_instruct_jax import train_state as ts  # pylint: disable=import-outside-toplevel
   workdir, out = pathlib.Path(workdir), pathlib.Path(out)
   config = _load_config(workdir)
   if config.teacher.source == 'toy':
@@ -380,24 +383,19 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = 'ema
 
 
 def cli(workdir: Optional[str], out: Optional[str], which: str = 'ema',
-        fake_score: bool = False) -> int:
-  """Runs the export; returns the exit status (0, or 2 after one `error:` line on stderr)."""
-  from uni_instruct_jax import train  # pylint: disable=import-outside-toplevel
+        fake_score: bool = False) -> None:
+  """Runs the export; bad input ends the process via `cli.fail` (one error line, status 2)."""
   try:
     if not workdir or not out:
       raise ExportError('both --workdir and --out are required')
     paths = export(workdir, out, which, fake_score)
   except (ExportError, train.SetupError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+    cli_lib.fail(str(e))
   print('wrote ' + ', '.join(str(p) for p in paths))
-  return 0
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from absl import logging  # pylint: disable=g-import-not-at-top
+  # Flags are defined here, not at import, so that importing this module adds no global flags.
   _WORKDIR = flags.DEFINE_string('workdir', None, 'Training workdir (config.json, checkpoints/).')
   _OUT = flags.DEFINE_string('out', None, 'Output state-dict file, e.g. student.pt.')
   _WHICH = flags.DEFINE_enum('which', 'ema', sorted(_CHECKPOINT_DIRS),
@@ -409,8 +407,7 @@ if __name__ == '__main__':
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.ERROR)  # orbax warns about every metadata file it looks for
     if len(argv) > 1:
-      print(f'error: unexpected arguments {argv[1:]}', file=sys.stderr)
-      sys.exit(2)
-    sys.exit(cli(_WORKDIR.value, _OUT.value, _WHICH.value, _FAKE_SCORE.value))
+      cli_lib.fail(f'unexpected arguments {argv[1:]}')
+    cli(_WORKDIR.value, _OUT.value, _WHICH.value, _FAKE_SCORE.value)
 
-  app.run(_main)
+  app.run(_main, flags_parser=cli_lib.parse_flags)

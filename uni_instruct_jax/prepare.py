@@ -26,9 +26,12 @@ import time
 import zipfile
 from typing import Any, Callable, Dict, Optional
 
+from absl import app
+from absl import flags
 import ml_collections
 import numpy as np
 
+from uni_instruct_jax import cli
 from uni_instruct_jax import data
 from uni_instruct_jax import image_folder
 
@@ -141,8 +144,7 @@ def _print_progress() -> Callable[[int, int], None]:
 
 
 if __name__ == '__main__':
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
+  # Flags are defined here, not at import, so that importing this module adds no global flags.
   _SOURCE = flags.DEFINE_string('source', None, "'tfds:NAME[:SPLIT]' (e.g. tfds:cifar10, "
                                 "tfds:imagenet2012:train) or an image folder / .zip.")
   _OUT = flags.DEFINE_string('out', None, 'Output EDM dataset zip, e.g. cifar10-32x32.zip.')
@@ -168,8 +170,7 @@ if __name__ == '__main__':
                                 progress=_print_progress())
     except (PrepareError, data.DataError) as e:
       hint = ' (--nolabels writes none)' if 'use_labels' in str(e) else ''
-      print(f'error: {e}{hint}', file=sys.stderr)
-      sys.exit(2)
+      cli.fail(f'{e}{hint}')
     print(json.dumps(summary))
 
-  app.run(_main)
+  app.run(_main, flags_parser=cli.parse_flags)
