@@ -73,12 +73,11 @@ def test_bad_input(tmp_path, batches, seeds, labels, message):
   assert not (tmp_path / 'out' / 'dataset.json').exists()
 
 
-def test_refuses_a_non_empty_folder_unless_overwrite(tmp_path):
+def test_refuses_a_non_empty_folder(tmp_path):
   (tmp_path / 'old.png').write_bytes(b'')
   with pytest.raises(image_folder.ImageFolderError, match='not an empty directory'):
     image_folder.write_edm_folder([_images(1)], [0], None, tmp_path)
-  image_folder.write_edm_folder([_images(1)], [0], None, tmp_path, overwrite=True)
-  assert (tmp_path / '000000' / '000000.png').is_file()
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['old.png']
 
 
 def test_seed_inputs_depend_only_on_the_seed():

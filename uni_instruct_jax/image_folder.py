@@ -91,7 +91,7 @@ def _check_seeds_and_labels(seeds: Sequence[int], labels) -> Tuple[list, Optiona
 
 
 def write_edm_folder(images: Iterable[np.ndarray], seeds: Sequence[int], labels,
-                     out_dir: str | os.PathLike, subdirs: bool = True, overwrite: bool = False,
+                     out_dir: str | os.PathLike, subdirs: bool = True,
                      progress: Optional[Callable[[int, int], None]] = None,
                      num_threads: int = 4) -> pathlib.Path:
   """Writes images as OUT/<seed_path(seed)> PNGs plus OUT/dataset.json; returns OUT.
@@ -100,7 +100,7 @@ def write_edm_folder(images: Iterable[np.ndarray], seeds: Sequence[int], labels,
     images: uint8 batches [b, H, W, 1|3] (b >= 1), len(seeds) images in all, in seed order.
     seeds: one distinct non-negative seed per image (its file name).
     labels: None (unconditional), or per image a class id or a one-hot row.
-    out_dir: created if needed; must hold no files unless `overwrite`.
+    out_dir: created if needed; must be empty (fid.py would count any other image in it).
     subdirs: one subfolder per 1000 seeds (generate.py --subdirs; fid.py walks subfolders).
     progress: called as progress(images_done, total) after every batch.
     num_threads: PNG encoder threads.
@@ -108,11 +108,10 @@ def write_edm_folder(images: Iterable[np.ndarray], seeds: Sequence[int], labels,
   """
   seeds, labels = _check_seeds_and_labels(seeds, labels)
   out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
-    raise ImageFolderError(f'{out_dir} exists and is not an empty directory (overwrite=True '
-                           'replaces its files)')
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+    raise ImageFolderError(f'{out_dir} exists and is not an empty directory; choose a new one '
+                           '(fid.py would count every image in it)')
   out_dir.mkdir(parents=True, exist_ok=True)
-  (out_dir / 'dataset.json').unlink(missing_ok=True)
   names = [seed_path(s, subdirs) for s in seeds]
   for folder in sorted({os.path.dirname(n) for n in names} - {''}):
     (out_dir / folder).mkdir(exist_ok=True)
@@ -155,7 +154,7 @@ def write_generated_folder(generate: Callable[..., Any], seeds: Sequence[int],
       None) -> uint8 images [batch_size, H, W, C]; called with a fixed batch size (the last batch
       is padded with repeated seeds, their images dropped), so a jitted function compiles once.
     seeds, class_idx: as in `seed_inputs`; shape: one latent's shape; label_dim: classes (0: none).
-    out_dir, **kwargs: as in `write_edm_folder` (subdirs, overwrite, progress, num_threads).
+    out_dir, **kwargs: as in `write_edm_folder` (subdirs, progress, num_threads).
   """
   seeds = [int(s) for s in seeds]
   if batch_size <= 0:
