@@ -68,11 +68,11 @@ def prepare_dataset(data_config: ml_collections.ConfigDict, out: str | os.PathLi
   """
   out = pathlib.Path(out)
   if out.suffix.lower() != '.zip':
-    raise PrepareError(f'--out {out} must be a .zip file')
+    raise PrepareError(f'the output {out} must be a .zip file')
   if out.exists() and not overwrite:
     raise PrepareError(f'{out} already exists (overwrite=True / --overwrite replaces it)')
   if not out.parent.is_dir():
-    raise PrepareError(f'directory {out.parent} does not exist')
+    raise PrepareError(f'the output directory {out.parent} does not exist')
   config = ml_collections.ConfigDict(data_config.to_dict())
   config.update(shuffle=False)
   dataset = data.create_dataset(config, batch_size, 0, 0, 1)
