@@ -96,8 +96,8 @@ def test_unchanged_teacher_exports_as_edms_own_state_dict(workdir, exported):
   ref = np.load(str(workdir['pkl']).replace('.pkl', '.npz'))
   net = networks.build_network(meta['class_name'], meta['kwargs'])
   variables = edm_to_flax.state_dict_to_variables(net, loaded)
-  out = net.apply(variables, np.transpose(ref['x'], (0, 2, 3, 1)), ref['sigma'],
-                  ref['class_labels'], ref['augment_labels'])
+  out = jax.jit(net.apply)(variables, np.transpose(ref['x'], (0, 2, 3, 1)), ref['sigma'],
+                          ref['class_labels'], ref['augment_labels'])
   np.testing.assert_allclose(np.transpose(np.asarray(out), (0, 3, 1, 2)), ref['denoised'],
                              rtol=0, atol=1e-4 * np.abs(ref['denoised']).max())
   assert meta['sigma_init'] == 2.5 and meta['source']['step'] == 3
