@@ -17,6 +17,7 @@ import pytest
 
 from conftest import ROOT, shared_path
 from uni_instruct_jax import export
+from uni_instruct_jax import image_folder
 from uni_instruct_jax import networks
 from uni_instruct_jax import train
 from uni_instruct_jax import train_state as ts
@@ -71,7 +72,7 @@ def workdir(tmp_path_factory):
 def exported(workdir, tmp_path_factory):
   """{'ema': [student.pt, .json, -fake_score.pt, .json], 'best': [best.pt, best.json]}."""
   out = tmp_path_factory.mktemp('exported')
-  return {'ema': export.export(workdir['path'], out / 'student.pt', fake_score=True),
+  return {'ema': export.export(workdir['path'], out / 'student.pt', fake_score=True, reference=3),
           'best': export.export(workdir['path'], out / 'best.pt', which='best')}
 
 
@@ -80,7 +81,7 @@ def test_unchanged_teacher_exports_as_edms_own_state_dict(workdir, exported):
   names, torch shapes, dtypes, values, freqs and resample_filter buffers included."""
   paths = exported['ema']
   assert [p.name for p in paths] == ['student.pt', 'student.json', 'student-fake_score.pt',
-                                     'student-fake_score.json']
+                                     'student-fake_score.json', 'student-reference.npz']
   metadata, reference = edm_to_flax.read_edm_snapshot(workdir['pkl'])
   loaded = safe_unpickle.load_torch_state_dict(paths[2])
   assert sorted(loaded) == sorted(reference)
@@ -267,3 +268,22 @@ def test_storage_offsets_follow_minizs_layout(exported):
     descriptor = raw[computed + info.file_size:computed + info.file_size + 16]
     assert descriptor == struct.pack('<4I', 0x08074B50, info.CRC, info.file_size, info.file_size)
     current = computed + info.file_size + 16
+
+
+def test_reference_batch_is_what_the_exported_files_compute(exported):
+  """student-reference.npz: seeds 0..2 through D(sigma_init z, sigma_init), which the network the
+  JSON describes, with the .pt's tensors, reproduces (what a torch user checks against)."""
+  pt, meta_path, *_, npz = exported['ema']
+  ref = np.load(npz)
+  meta = json.loads(meta_path.read_text())
+  net = networks.build_network(meta['class_name'], meta['kwargs'])
+  z, classes = image_folder.seed_inputs(range(3), (16, 16, 3), 10)
+  np.testing.assert_allclose(ref['x'], np.transpose(2.5 * np.asarray(z), (0, 3, 1, 2)), rtol=1e-6)
+  np.testing.assert_array_equal(ref['sigma'], [2.5] * 3)
+  np.testing.assert_array_equal(ref['class_labels'], np.eye(10)[np.asarray(classes)])
+  variables = edm_to_flax.state_dict_to_variables(net, safe_unpickle.load_torch_state_dict(pt))
+  out = jax.jit(net.apply)(variables, np.transpose(ref['x'], (0, 2, 3, 1)), ref['sigma'],
+                           ref['class_labels'])
+  np.testing.assert_allclose(np.transpose(np.asarray(out), (0, 3, 1, 2)), ref['denoised'],
+                             rtol=0, atol=1e-5 * np.abs(ref['denoised']).max())
+  assert np.abs(ref['denoised'] - ref['x']).max() > 0.1  # the network did something

@@ -1,6 +1,7 @@
 """Exports a trained student as a PyTorch state dict that EDM's and SiD's code load (no torch needed).
 
   python -m uni_instruct_jax.export --workdir=W --out=student.pt [--which=ema|best] [--fake_score]
+      [--reference=N]
 
 writes
   student.pt    the EMA generator of W's latest checkpoint (`--which=best`: of W/checkpoints-best)
@@ -9,7 +10,9 @@ writes
                 `torch.load(..., weights_only=True)` accepts;
   student.json  {"class_name": "EDMPrecond" | "VPPrecond" | "VEPrecond", "kwargs": the constructor
                 kwargs, "sigma_init": the generator's input noise level, "source": the checkpoint};
-  --fake_score adds student-fake_score.pt / .json, the fake score network of the same checkpoint.
+  --fake_score adds student-fake_score.pt / .json, the fake score network of the same checkpoint;
+  --reference=N adds student-reference.npz: x = sigma_init z, sigma, class_labels and the JAX
+                generator's D(x, sigma) for seeds 0..N-1 (NCHW), to check a torch load against.
 
 With NVlabs/edm (or SiD) on the path, one batch of the one-step student is (SiD's
 generate_onestep.py: x = D(sigma_init z, sigma_init)):
@@ -52,11 +55,13 @@ from absl import flags
 from absl import logging
 from flax import traverse_util
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 
 from uni_instruct_jax import cli as cli_lib
+from uni_instruct_jax import image_folder
 from uni_instruct_jax import networks
 from uni_instruct_jax import train
 from uni_instruct_jax import train_state as ts
@@ -343,11 +348,32 @@ def sibling(out: pathlib.Path, tag: str = '', suffix: Optional[str] = None) -> p
   return out.with_name(f'{out.stem}{"-" + tag if tag else ""}{suffix or out.suffix}')
 
 
+def reference_batch(model: Any, variables: Mapping[str, Any], num: int, sigma_init: float
+                    ) -> Dict[str, np.ndarray]:
+  """One-step outputs of the generator for seeds 0..num-1, to check a PyTorch load against.
+
+  Returns {x, sigma, class_labels, denoised} in EDM's layouts (NCHW; one-hot labels [num, 0] when
+  unconditional): x = sigma_init z, sigma [num], denoised = D(x, sigma) computed in float32, with
+  z and the classes of `image_folder.seed_inputs` (the latents `--mode=sample` uses per seed).
+  """
+  shape = (model.img_resolution, model.img_resolution, model.img_channels)
+  z, classes = image_folder.seed_inputs(range(num), shape, model.label_dim)
+  labels = np.zeros((num, 0), np.float32) if classes is None else np.eye(
+      model.label_dim, dtype=np.float32)[np.asarray(classes)]
+  x = sigma_init * np.asarray(z)
+  sigma = np.full((num,), sigma_init, np.float32)
+  denoised = jax.jit(model.clone(dtype=jnp.float32).apply)(
+      dict(variables), x, sigma, labels if model.label_dim else None)
+  nchw = lambda a: np.ascontiguousarray(np.transpose(np.asarray(a, np.float32), (0, 3, 1, 2)))
+  return {'x': nchw(x), 'sigma': sigma, 'class_labels': labels, 'denoised': nchw(denoised)}
+
+
 def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = 'ema',
-           fake_score: bool = False) -> list[pathlib.Path]:
+           fake_score: bool = False, reference: int = 0) -> list[pathlib.Path]:
   """Writes the EMA generator (and the fake score) of `workdir` as EDM state-dict files.
 
-  Returns the written paths: out, out.json[, out-fake_score.pt, out-fake_score.json].
+  Returns the written paths: out, out.json[, out-fake_score.pt, out-fake_score.json]
+  [, out-reference.npz: `reference_batch` of `reference` samples, when reference > 0].
   Raises ExportError (or train.SetupError for an unloadable teacher) on bad input.
   """
   workdir, out = pathlib.Path(workdir), pathlib.Path(out)
@@ -379,16 +405,21 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = 'ema
     meta_path = sibling(path, suffix='.json')
     meta_path.write_text(json.dumps(meta, indent=2) + '\n')
     written += [path, meta_path]
+  if reference > 0:
+    path = sibling(out, 'reference', '.npz')
+    np.savez(path, **reference_batch(model, {'params': params['ema_params'], **buffers},
+                                     reference, float(config.training.sigma_init)))
+    written.append(path)
   return written
 
 
 def cli(workdir: Optional[str], out: Optional[str], which: str = 'ema',
-        fake_score: bool = False) -> None:
+        fake_score: bool = False, reference: int = 0) -> None:
   """Runs the export; bad input ends the process via `cli.fail` (one error line, status 2)."""
   try:
     if not workdir or not out:
       raise ExportError('both --workdir and --out are required')
-    paths = export(workdir, out, which, fake_score)
+    paths = export(workdir, out, which, fake_score, reference)
   except (ExportError, train.SetupError) as e:
     cli_lib.fail(str(e))
   print('wrote ' + ', '.join(str(p) for p in paths))
@@ -402,12 +433,14 @@ if __name__ == '__main__':
                              'ema: EMA generator of the latest checkpoint; best: that of '
                              'checkpoints-best (the best FID during training).')
   _FAKE_SCORE = flags.DEFINE_bool('fake_score', False, 'Also write OUT-fake_score.pt and .json.')
+  _REFERENCE = flags.DEFINE_integer('reference', 0, 'Also write OUT-reference.npz: the JAX '
+                                    "generator's outputs for seeds 0..N-1, to check a torch load.")
 
   def _main(argv):
     if not flags.FLAGS['verbosity'].present:
       logging.set_verbosity(logging.ERROR)  # orbax warns about every metadata file it looks for
     if len(argv) > 1:
       cli_lib.fail(f'unexpected arguments {argv[1:]}')
-    cli(_WORKDIR.value, _OUT.value, _WHICH.value, _FAKE_SCORE.value)
+    cli(_WORKDIR.value, _OUT.value, _WHICH.value, _FAKE_SCORE.value, _REFERENCE.value)
 
   app.run(_main, flags_parser=cli_lib.parse_flags)
