@@ -406,3 +406,16 @@ def test_new_option_errors():
     call(valid=jnp.ones((3,), bool))
   with pytest.raises(ValueError, match="unknown method"):
     losses.method_settings("sid3")
+
+
+def test_uni_instruct_preset_is_the_exact_loss_over_sigma_normalizer_plus_gan():
+  """'uni_instruct': exact loss / sigma_normalizer(sigma) + 1e-4 * numel * BCE_i / w_f (the GAN
+  term keeps SiD's per-sample w_f: it has no gradient identity to keep)."""
+  x_g, noise, sigma, params = _setup(17)
+  teacher, fake, log_ratio, logits, d_q, _, x_t = _outputs(x_g, noise, sigma, params)
+  exact = losses.generator_loss(x_g, sigma, noise, teacher, fake, log_ratio, "jeffreys")
+  got = losses.generator_loss(x_g, sigma, noise, teacher, fake, log_ratio, logits_fn=logits,
+                              **losses.method_options("uni_instruct", "jeffreys"))
+  bce = jnp.mean(jax.nn.softplus(-jnp.clip(logits(x_t, sigma), -10, 10)), axis=(1, 2, 3))
+  want = exact / losses.sigma_normalizer(sigma) + 1e-4 * 12 * bce / _w_f(x_g, d_q)
+  np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -444,10 +444,12 @@ def generator_loss(
       by the GAN term, by 'official_bce' and, when log_ratio_fn is None, for log r.
     gan_weight: weight of the generator GAN term added per sample. In 'official' mode the term is
       L_gan,i = numel * BCE_batch / w_f,i (numel = prod(dims)); in the other modes numel * BCE_i,
-      divided by the normaliser when normalize. Relative to the per-sample divergence term: the
-      recipe's lsg_gan / lsg = 0.01 / 100 is gan_weight = 1e-4.
-    gan_normalize: None (the GAN term is divided by the divergence term's normaliser, as above),
-      or True / False to force it (DMD2: False, its GAN term is not normalised).
+      divided by w_f when normalize (whatever the normalizer: the GAN term has no gradient identity
+      to keep, and dividing it by sigma_normalizer, ~0.0016 at sigma = 0.002, made the toy2d run
+      diverge). Relative to the per-sample divergence term: the recipe's lsg_gan / lsg =
+      0.01 / 100 is gan_weight = 1e-4.
+    gan_normalize: None (divide the GAN term by w_f as above), or True / False to force it (DMD2:
+      False, its GAN term is not normalised).
     sim_distance: 'sim' mode's distance, one of SIM_DISTANCES.
     sim_c: pseudo-Huber c (> 0), in denoiser units summed over dims like ||d||.
     valid: optional bool [B]; False drops a sample (loss 0, zero gradient, left out of the batch
@@ -574,8 +576,7 @@ def generator_loss(
   if gan_weight != 0.0:
     official = mode == "official"
     divide = (official or normalize) if gan_normalize is None else gan_normalize
-    gan_norm = w_f if official else norm
-    scale = numel / gan_norm if divide else jnp.full_like(w_f, numel)
+    scale = numel / w_f if divide else jnp.full_like(w_f, numel)
     loss = loss + gan_weight * generator_gan_loss(logits, scale, batch_mean=official, valid=ok)
   loss = jnp.where(ok, loss, 0.0)
   if not return_aux:
@@ -600,9 +601,10 @@ def generator_loss(
 # ----------------------------------------------------------------------------------------------
 # Method presets.
 
-_METHODS = ("uni_instruct", "uni_instruct_official", "sid", "sida", "sid2a", "diff_instruct", "dmd",
-            "dmd2", "f_distill", "sim")
-_DIVERGENCE_METHODS = ("uni_instruct", "uni_instruct_official", "f_distill")
+# The presets of method_options; DIVERGENCE_METHODS take a divergence, the others are reverse_kl.
+METHODS = ("uni_instruct", "uni_instruct_official", "sid", "sida", "sid2a", "diff_instruct", "dmd",
+           "dmd2", "f_distill", "sim")
+DIVERGENCE_METHODS = ("uni_instruct", "uni_instruct_official", "f_distill")
 
 
 def method_options(method: str, divergence: Optional[str] = None, **overrides: Any) -> Dict[str, Any]:
@@ -644,9 +646,9 @@ def method_options(method: str, divergence: Optional[str] = None, **overrides: A
     'sim': SIM, Luo et al. 2024: minimises E_{p_sigma}[dist(D_psi - D_q)] ('sim' mode), pseudo-Huber
       dist with c = 1 (override sim_distance / sim_c; 'squared_l2' is SiD with alpha 1/2). No GAN.
   """
-  if method not in _METHODS:
-    raise ValueError(f"unknown method {method!r}; known: {_METHODS}")
-  needs_div = method in _DIVERGENCE_METHODS
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+  needs_div = method in DIVERGENCE_METHODS
   if needs_div and divergence is None:
     raise ValueError(f"method {method!r} needs a divergence")
   if not needs_div and divergence not in (None, "reverse_kl"):
@@ -677,8 +679,8 @@ def method_settings(method: str) -> Dict[str, Any]:
      two-time-scale rule: 5; the others 1), 'generator_init': 'teacher' or 'sid' (SiD^2A starts
      from a SiD-distilled generator; the trainer must refuse another init)}.
   """
-  if method not in _METHODS:
-    raise ValueError(f"unknown method {method!r}; known: {_METHODS}")
+  if method not in METHODS:
+    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
   return {"fake_updates_per_gen": 5 if method == "dmd2" else 1,
           "generator_init": "sid" if method == "sid2a" else "teacher"}
 
