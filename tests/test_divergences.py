@@ -92,3 +92,16 @@ def test_registry_errors():
   with pytest.raises(ValueError, match="must be callable"):
     divergences.register("not_callable", 3.0)
   assert set(BUILTIN) <= set(divergences.names())
+
+
+@pytest.mark.parametrize("name,f,match", [
+    ("test_quartic", lambda r: (r - 1.0) ** 4, r"H = r\^2 f''\(r\) must be finite and > 0"),  # H(1) = 0
+    ("test_concave", lambda r: -r * jnp.log(r), "must be finite and > 0"),                   # H < 0
+    ("test_nan_below_2", lambda r: (r - 1.0) ** 2 + jnp.sqrt(r - 2.0), "must be finite"),
+    ("test_vector", lambda r: jnp.stack([r, r]), "scalar to a scalar"),
+])
+def test_register_rejects_f_with_vanishing_or_non_finite_h(name, f, match):
+  """alpha = 1/2 + r H'/(2H) would be NaN where H vanishes: register refuses such an f."""
+  with pytest.raises(ValueError, match=match):
+    divergences.register(name, f)
+  assert name not in divergences.names()

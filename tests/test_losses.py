@@ -287,3 +287,135 @@ def test_jit_vmap_shapes_and_no_tracer_leaks():
                            jnp.stack([sigma, sigma]))
   chex.assert_trees_all_close(stacked, jnp.stack([eager, loss(-x_g, noise, sigma)]), rtol=1e-5,
                               atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------
+# Presets added for issue 10 §5, the ratio's masking and diagnostics (§2).
+
+
+def test_dmd2_is_dmd_plus_the_unnormalised_gan_term():
+  """DMD2: (D_psi - D_q) / mean|x_g - D_q| as gradient, plus 3e-3 * numel * BCE(logit, 1) per
+  sample, not divided by w_f; 5 fake-score updates per generator update."""
+  x_g, noise, sigma, params = _setup(11)
+  teacher, fake, _, logits, _, _, x_t = _outputs(x_g, noise, sigma, params)
+  dmd = losses.generator_loss(x_g, sigma, noise, teacher, fake, None, **losses.method_options("dmd"))
+  dmd2 = losses.generator_loss(x_g, sigma, noise, teacher, fake, None, logits_fn=logits,
+                               **losses.method_options("dmd2"))
+  bce = jnp.mean(jax.nn.softplus(-jnp.clip(logits(x_t, sigma), -10, 10)), axis=(1, 2, 3))
+  np.testing.assert_allclose(dmd2, dmd + 3e-3 * 12 * bce, rtol=1e-5)
+  assert losses.method_settings("dmd2") == {"fake_updates_per_gen": 5, "generator_init": "teacher"}
+
+
+def test_sid2a_is_sida_from_a_sid_generator():
+  assert losses.method_options("sid2a") == losses.method_options("sida")
+  assert losses.method_settings("sid2a")["generator_init"] == "sid"
+  assert losses.method_settings("sida") == {"fake_updates_per_gen": 1, "generator_init": "teacher"}
+
+
+def test_sim_squared_l2_has_the_gradient_of_exact_reverse_kl():
+  """SIM with d = ||.||^2 is SiD with alpha 1/2 (twice S_1/2 = exact reverse_kl): same gradient."""
+  x_g, noise, sigma, params = _setup(12)
+  teacher, fake, _, _ = _fns(params)
+  grad = lambda **o: jax.grad(lambda x: losses.generator_loss(
+      x, sigma, noise, teacher, fake, None, **{"divergence": "reverse_kl", **o}).sum())(x_g)
+  np.testing.assert_allclose(grad(mode="sim", sim_distance="squared_l2"), grad(mode="exact"),
+                             rtol=1e-5, atol=1e-6)
+  huber = grad(**losses.method_options("sim", sim_c=1e4))  # c >> ||d||: d ~ ||d||^2 / (2c)
+  np.testing.assert_allclose(huber * 2e4, grad(mode="exact"), rtol=1e-3, atol=1e-4)
+
+
+def test_non_positive_ratio_is_masked_and_counted():
+  """The official BCE 'ratio' of the chi^2 / JS branches is L/(1 - L) < 0: every sample is dropped
+  and counted, the gradient is exactly 0; where r is unused (reverse_kl) nothing is dropped."""
+  x_g, noise, sigma, params = _setup(13)
+  teacher, fake, _, logits = _fns(params)
+  for name in ("pearson_chi2", "jensen_shannon", "squared_hellinger"):
+    fn = lambda x: losses.generator_loss(x, sigma, noise, teacher, fake, None, name,
+                                         mode="official", ratio_source="official_bce",
+                                         logits_fn=logits, return_aux=True)
+    loss, aux = fn(x_g)
+    grad = jax.grad(lambda x: fn(x)[0].sum())(x_g)
+    assert int(aux["ratio_invalid_count"]) == 5 and int(aux["nan_count"]) == 0, name
+    np.testing.assert_array_equal(loss, 0.0)
+    np.testing.assert_array_equal(grad, 0.0)
+  loss, aux = losses.generator_loss(x_g, sigma, noise, teacher, fake, None, "reverse_kl",
+                                    mode="official", ratio_source="official_bce",
+                                    logits_fn=logits, return_aux=True)
+  assert int(aux["ratio_invalid_count"]) == 0 and bool(jnp.all(loss != 0))
+
+
+def test_ratio_clip_fraction_and_log_r_per_sigma_bin():
+  """ratio_clip_fraction counts the kept samples whose r the clip changed; log_r_sigma_bin{k}
+  is the mean log r before the clip over the samples with SIGMA_BIN_EDGES[k-1] <= sigma <
+  SIGMA_BIN_EDGES[k]; a NaN log r drops its sample (counted in ratio_invalid_count)."""
+  x_g, noise, _, params = _setup(14, batch=8)
+  teacher, fake, _, _ = _fns(params)
+  sigma = jnp.asarray([0.05, 0.09, 0.2, 0.4, 0.6, 3.0, 30.0, 1.0])
+  log_r = jnp.asarray([-2.0, 0.5, 1.0, 3.0, -0.2, 0.1, 2.0, jnp.nan])
+  _, aux = losses.generator_loss(x_g, sigma, noise, teacher, fake, lambda x, s: log_r, "jeffreys",
+                                 ratio_clip=(0.25, 4.0), return_aux=True)
+  assert int(aux["ratio_invalid_count"]) == 1 and int(aux["nan_count"]) == 0
+  np.testing.assert_allclose(aux["ratio_clip_fraction"], 3 / 7, rtol=1e-6)  # -2.0, 3.0, 2.0
+  for k, (mean, count) in enumerate([(-0.75, 2), (2.0, 2), (-0.2, 1), (1.05, 2)]):
+    np.testing.assert_allclose(aux[f"log_r_sigma_bin{k}"], mean, rtol=1e-6)
+    assert int(aux[f"sigma_bin{k}_count"]) == count
+  np.testing.assert_allclose(aux["r_max"], 4.0, rtol=1e-6)
+
+
+def test_aux_keys_are_the_same_for_every_preset():
+  """The trainer switches between phases with lax.switch: every option set returns one pytree."""
+  x_g, noise, sigma, params = _setup(15)
+  teacher, fake, log_ratio, logits = _fns(params)
+  structures = set()
+  for method in ("uni_instruct", "uni_instruct_official", "sid", "sida", "sid2a", "diff_instruct",
+                 "dmd", "dmd2", "f_distill", "sim"):
+    div = "forward_kl" if method in ("uni_instruct", "uni_instruct_official", "f_distill") else None
+    out = jax.eval_shape(lambda x: losses.generator_loss(
+        x, sigma, noise, teacher, fake, None, logits_fn=logits, return_aux=True,
+        **losses.method_options(method, div)), x_g)
+    structures.add(str(jax.tree.map(lambda a: (a.shape, a.dtype), out)))
+  assert len(structures) == 1, structures
+
+
+def test_reads_discriminator():
+  reads = lambda m, d=None, **o: losses.reads_discriminator(losses.method_options(m, d, **o))
+  assert not reads("sid") and not reads("diff_instruct") and not reads("dmd") and not reads("sim")
+  assert reads("sida") and reads("dmd2") and reads("f_distill", "forward_kl")
+  assert not reads("f_distill", "reverse_kl")
+  assert reads("uni_instruct_official", "forward_kl", gan_weight=0.0)  # Forward-Clean reads r
+  assert not reads("uni_instruct", "reverse_kl", gan_weight=0.0)
+  assert reads("uni_instruct_official", "reverse_kl", gan_weight=0.0, ratio_source="official_bce")
+
+
+def test_new_option_errors():
+  x_g, noise, sigma, params = _setup(16)
+  teacher, fake, log_ratio, _ = _fns(params)
+  call = lambda div="reverse_kl", **o: losses.generator_loss(x_g, sigma, noise, teacher, fake,
+                                                             log_ratio, div, **o)
+  with pytest.raises(ValueError, match="normalizer"):
+    call(normalize=True, normalizer="batch")
+  with pytest.raises(ValueError, match="does not use a divergence"):
+    call("forward_kl", mode="sim")
+  with pytest.raises(ValueError, match="sim_c"):
+    call(mode="sim", sim_c=0.0)
+  with pytest.raises(ValueError, match="sim_distance"):
+    call(mode="sim", sim_distance="l1")
+  with pytest.raises(ValueError, match="ratio_clip"):
+    call("forward_kl", ratio_clip=(20.0, 0.1))
+  with pytest.raises(ValueError, match="valid"):
+    call(valid=jnp.ones((3,), bool))
+  with pytest.raises(ValueError, match="unknown method"):
+    losses.method_settings("sid3")
+
+
+def test_uni_instruct_preset_is_the_exact_loss_over_sigma_normalizer_plus_gan():
+  """'uni_instruct': exact loss / sigma_normalizer(sigma) + 1e-4 * numel * BCE_i / w_f (the GAN
+  term keeps SiD's per-sample w_f: it has no gradient identity to keep)."""
+  x_g, noise, sigma, params = _setup(17)
+  teacher, fake, log_ratio, logits, d_q, _, x_t = _outputs(x_g, noise, sigma, params)
+  exact = losses.generator_loss(x_g, sigma, noise, teacher, fake, log_ratio, "jeffreys")
+  got = losses.generator_loss(x_g, sigma, noise, teacher, fake, log_ratio, logits_fn=logits,
+                              **losses.method_options("uni_instruct", "jeffreys"))
+  bce = jnp.mean(jax.nn.softplus(-jnp.clip(logits(x_t, sigma), -10, 10)), axis=(1, 2, 3))
+  want = exact / losses.sigma_normalizer(sigma) + 1e-4 * 12 * bce / _w_f(x_g, d_q)
+  np.testing.assert_allclose(got, want, rtol=1e-5)

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 Array = jax.Array
 _Fn = Callable[[Array], Array]
+SAFE_MIN, SAFE_MAX = 1e-6, 1e6  # the ratios the losses pass (they clip log r to +-13.8).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,12 +60,34 @@ def _elementwise(fn: Callable[[Array], Array]) -> _Fn:
   return jax.jit(jnp.vectorize(fn))
 
 
+def _check_safe_domain(div: Divergence) -> None:
+  """ValueError unless H > 0 and H, H', H'', alpha are finite on the safe domain (float32).
+
+  alpha = 1/2 + r H' / (2 H) divides by H: an f whose f'' vanishes somewhere (not strictly
+  convex) or is non-finite would give NaN alpha in the exact loss.
+  """
+  r = jnp.concatenate([jnp.geomspace(SAFE_MIN, SAFE_MAX, 241, dtype=jnp.float32),
+                       jnp.ones((1,), jnp.float32)])
+  h = div.H(r)
+  bad = ~(jnp.isfinite(h) & (h > 0))
+  if bool(jnp.any(bad)):
+    raise ValueError(f"divergence {div.name!r}: H = r^2 f''(r) must be finite and > 0 on "
+                     f"[{SAFE_MIN:g}, {SAFE_MAX:g}], got {float(h[jnp.argmax(bad)])} at "
+                     f"r = {float(r[jnp.argmax(bad)]):g}")
+  for label, fn in (("H'", div.dH), ("H''", div.d2H), ("alpha", div.alpha)):
+    v = fn(r)
+    if not bool(jnp.all(jnp.isfinite(v))):
+      i = jnp.argmax(~jnp.isfinite(v))
+      raise ValueError(f"divergence {div.name!r}: {label} is not finite at r = {float(r[i]):g}")
+
+
 def register(name: str, f: Callable[[Array], Array]) -> Divergence:
   """Registers D_f from f alone; H = r^2 f'', H', H'' and alpha come from autodiff.
 
   Args:
     name: new registry name (ValueError if taken).
-    f: scalar-in, scalar-out jax-traceable convex function with f(1) = 0.
+    f: scalar-in, scalar-out jax-traceable convex function with f(1) = 0 and f'' > 0 on the safe
+      domain [1e-6, 1e6] (ValueError otherwise, e.g. for f = (r - 1)^4, whose H vanishes at 1).
 
   Returns:
     The registered Divergence.
@@ -78,9 +101,13 @@ def register(name: str, f: Callable[[Array], Array]) -> Divergence:
   dh = jax.grad(h)
   d2h = jax.grad(dh)
   H, dH, d2H = _elementwise(h), _elementwise(dh), _elementwise(d2h)
-  return _add(Divergence(
-      name=name, f=_elementwise(f), H=H, dH=dH, d2H=d2H,
-      alpha=jax.jit(lambda r: 0.5 + r * dH(r) / (2.0 * H(r)))))
+  div = Divergence(name=name, f=_elementwise(f), H=H, dH=dH, d2H=d2H,
+                   alpha=jax.jit(lambda r: 0.5 + r * dH(r) / (2.0 * H(r))))
+  try:
+    _check_safe_domain(div)
+  except (TypeError, jax.errors.JAXTypeError) as e:  # f not traceable as a scalar function
+    raise ValueError(f"divergence {name!r}: f must map a scalar to a scalar: {e}") from None
+  return _add(div)
 
 
 def get(name_or_div: Union[str, Divergence]) -> Divergence:
