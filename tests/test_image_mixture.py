@@ -4,12 +4,15 @@ uni_instruct_jax.mixture_metrics)."""
 import io
 import zipfile
 
+import runpy
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import PIL.Image
 import pytest
 
-from conftest import shared_path
+from conftest import ROOT, shared_path
 from uni_instruct_jax import image_mixture as im
 from uni_instruct_jax import mixture_metrics as mm
 from uni_instruct_jax import toy
@@ -51,6 +54,7 @@ def test_image_flat_round_trip_is_nhwc(mix8):
   flat = mix8.to_flat(images)
   assert flat[0, 3 * (8 * 1 + 2) + 1] == images[0, 1, 2, 1]
   np.testing.assert_array_equal(mix8.to_images(flat), images)
+  np.testing.assert_array_equal(jax.jit(mix8.to_flat)(jnp.asarray(images)), flat)
   with pytest.raises(im.ImageMixtureError, match="shape"):
     mix8.to_flat(np.zeros((2, 4, 4, 3)))
 
@@ -154,3 +158,12 @@ def test_teacher_rows_at_tiny_scale_reach_the_floor(zip_path):
   assert heun["mode_balance_tv"] < floor["tv_floor_formula"] + 0.03
   assert heun["pixel_fd"] < 3 * floor["pixel_fd"] + 0.01
   assert rows[1]["precision"] == 0.0 and rows[1]["pixel_fd"] > 10 * floor["pixel_fd"]
+
+
+def test_config_builds_the_mixture(zip_path):
+  config = runpy.run_path(str(ROOT / "configs" / "cifar10_mixture.py"))["get_config"]()
+  assert config.teacher.source == "image_mixture" and config.network.class_name == "MLPPrecond"
+  config.data.path = zip_path
+  config.data.num_modes = 12
+  mixture = im.mixture_from_config(config.data)
+  assert (mixture.num_modes, mixture.dim, mixture.std) == (12, 192, config.data.mixture_std)

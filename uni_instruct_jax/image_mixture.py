@@ -63,20 +63,18 @@ class ImageMixture(toy.GaussianMixture):
   def image_shape(self) -> Tuple[int, int, int]:
     return (self.resolution, self.resolution, CHANNELS)
 
-  def to_images(self, x: Any) -> np.ndarray:
-    """Flat samples [N, d] -> NHWC images [N, R, R, 3] (same values, host float32)."""
-    x = np.asarray(x, np.float32)
-    if x.ndim != 2 or x.shape[1] != self.dim:
-      raise ImageMixtureError(f"flat samples must have shape [N, {self.dim}], got {x.shape}")
+  def to_images(self, x: Any) -> Any:
+    """Flat samples [N, d] -> NHWC images [N, R, R, 3]: a reshape (numpy or jax, traceable)."""
+    if len(np.shape(x)) != 2 or np.shape(x)[1] != self.dim:
+      raise ImageMixtureError(f"flat samples must have shape [N, {self.dim}], got {np.shape(x)}")
     return x.reshape((-1,) + self.image_shape)
 
-  def to_flat(self, images: Any) -> np.ndarray:
-    """NHWC images [N, R, R, 3] -> flat samples [N, d] (host float32)."""
-    images = np.asarray(images, np.float32)
-    if images.ndim != 4 or images.shape[1:] != self.image_shape:
+  def to_flat(self, images: Any) -> Any:
+    """NHWC images [N, R, R, 3] -> flat samples [N, d]: a reshape (numpy or jax, traceable)."""
+    if len(np.shape(images)) != 4 or tuple(np.shape(images)[1:]) != self.image_shape:
       raise ImageMixtureError(f"images must have shape [N, {', '.join(map(str, self.image_shape))}"
-                              f"], got {images.shape}")
-    return images.reshape(len(images), self.dim)
+                              f"], got {np.shape(images)}")
+    return images.reshape(-1, self.dim)
 
 
 def _class_members(zf: zipfile.ZipFile, path: str) -> Tuple[Tuple[str, ...], ...]:
@@ -133,3 +131,9 @@ def cifar10_mixture(path: str, num_modes: int = DEFAULT_NUM_MODES,
     sources = tuple(classes[k % count][k // count] for k in range(num_modes))
     means = np.stack([_load_mean(zf, path, name, resolution).reshape(-1) for name in sources])
   return ImageMixture(means=means, std=std, resolution=int(resolution), sources=sources)
+
+
+def mixture_from_config(data_config) -> ImageMixture:
+  """`cifar10_mixture` of a config's data section (path, num_modes, resolution, mixture_std)."""
+  return cifar10_mixture(data_config.path, num_modes=data_config.num_modes,
+                         resolution=data_config.resolution, std=data_config.mixture_std)
