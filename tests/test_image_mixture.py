@@ -101,6 +101,7 @@ def test_radius_fits_high_dimension_where_the_toys_3_std_radius_sees_nothing(mix
 def test_exact_samples_cover_all_modes_with_precision_one(mix8, exact8):
   assert mm.modes_covered(exact8, mix8) == 32
   assert mm.precision(exact8, mix8) == 1.0
+  assert abs(mm.mode_distance(exact8, mix8) - 1) < 0.01
   assert mm.mode_balance(exact8, mix8) < 3 * mm.tv_floor(mix8.weights, len(exact8))
 
 
@@ -115,6 +116,10 @@ def test_single_mode_generator_covers_one_of_k(mix8, exact8):
 def test_shifted_means_give_precision_zero(mix8, exact8):
   shifted = exact8 + 3.0  # every pixel above 2 > max pixel of any mean
   assert mm.precision(shifted, mix8) == 0.0
+  # A per-pixel offset e = 2 s puts the samples at sqrt(1 + e^2 / s^2) = sqrt(5) s sqrt(d).
+  nudged = exact8 + 2 * mix8.std
+  assert mm.mode_distance(nudged, mix8) == pytest.approx(np.sqrt(5), rel=0.02)
+  assert mm.precision(nudged, mix8) == 0.0
   assert mm.modes_covered(shifted, mix8) == 0
 
 
@@ -155,6 +160,8 @@ def test_teacher_rows_at_tiny_scale_reach_the_floor(zip_path):
   assert abs(floor["mode_balance_tv"] - floor["tv_floor_formula"]) < 0.03
   heun = rows[35]
   assert heun["modes_covered"] == 16 and heun["precision"] > 0.98
+  # Heun with 18 steps spreads these sharp modes by ~10 % (mode_distance ~ 1.08 vs 0.97).
+  assert abs(heun["mode_distance"] - floor["mode_distance"]) < 0.15
   assert heun["mode_balance_tv"] < floor["tv_floor_formula"] + 0.03
   assert heun["pixel_fd"] < 3 * floor["pixel_fd"] + 0.01
   assert rows[1]["precision"] == 0.0 and rows[1]["pixel_fd"] > 10 * floor["pixel_fd"]

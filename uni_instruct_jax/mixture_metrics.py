@@ -14,6 +14,9 @@ sum_k w_k N(mu_k, s^2 I); host float64.
 * mode_balance_tv: total variation 0.5 sum_k |h_k - w_k| between the histogram h of nearest-mean
   assignments of ALL samples (precise or not) and the weights w.
 * precision: fraction of samples within the radius of their nearest mean.
+* mode_distance: median distance to the nearest mean in units of s sqrt(d) (exact samples ~ 1; a
+  continuous view of what precision thresholds: a sample with per-pixel error e beyond the
+  component noise sits at ~ sqrt(1 + e^2 / s^2)).
 * pixel_fd: Fréchet distance between Gaussians fitted (mean, unbiased covariance) to the flat
   samples and to a reference set of exact samples (evaluation.fid.frechet_distance).
 
@@ -83,6 +86,12 @@ def precision(samples: Any, mixture: toy.GaussianMixture) -> float:
   return float(np.mean(dist <= mode_radius(mixture)))
 
 
+def mode_distance(samples: Any, mixture: toy.GaussianMixture) -> float:
+  """Median distance of samples to their nearest mean, in units of s sqrt(d)."""
+  _, dist = assign_modes(samples, mixture)
+  return float(np.median(dist) / (mixture.std * math.sqrt(mixture.dim)))
+
+
 def pixel_frechet(samples: Any, reference: Any) -> float:
   """Fréchet distance of Gaussians fitted to flat samples [N, d] and reference [M, d] (N, M > d)."""
   fitted = []
@@ -115,6 +124,7 @@ def sample_metrics(samples: Any, mixture: toy.GaussianMixture, reference: Any) -
       "modes_covered": modes_covered(samples, mixture),
       "mode_balance_tv": mode_balance(samples, mixture),
       "precision": precision(samples, mixture),
+      "mode_distance": mode_distance(samples, mixture),
       "pixel_fd": pixel_frechet(samples, reference),
   }
 
