@@ -24,6 +24,12 @@ config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples, summary.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "ref"], "What to run.")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator for a "
+                    "multi-process run JAX cannot discover (env JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run (env "
+                     "JAX_NUM_PROCESSES); 1 = single process.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (env "
+                     "JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 EXIT_BAD_INPUT = 2
@@ -55,7 +61,11 @@ def main(argv):
     _fail(f"unexpected arguments: {' '.join(argv[1:])}")
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 brings it back.
     logging.set_verbosity(logging.WARNING)
-  parallel.initialize_distributed()
+  try:
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+  except parallel.DistributedSetupError as e:
+    _fail(str(e))
   from uni_instruct_jax import train  # pylint: disable=g-import-not-at-top
   try:
     if FLAGS.mode == "train":
