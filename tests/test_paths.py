@@ -20,7 +20,8 @@ class _FakeGcs(MemoryFileSystem):
 @pytest.fixture
 def fake_gcs(monkeypatch):
   monkeypatch.setenv("EPATH_USE_TF", "false")  # epath picks tf.io.gfile for gs:// when TF is there
-  registry = importlib.import_module("fsspec.registry")._registry  # pylint: disable=protected-access
+  registry = importlib.import_module("fsspec.registry")
+  registry = registry._registry  # pylint: disable=protected-access
   for name in _FakeGcs.protocol:  # restored by monkeypatch at teardown
     monkeypatch.setitem(registry, name, _FakeGcs)
   caches = (gpath._is_tf_installed,  # pylint: disable=protected-access

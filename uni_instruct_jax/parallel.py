@@ -98,7 +98,7 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
     jax.distributed.initialize(address, count, index,
                                initialization_timeout=initialization_timeout,
                                heartbeat_timeout_seconds=heartbeat_timeout_seconds)
-  except Exception as e:  # pylint: disable=broad-except  # ValueError, RuntimeError, XlaRuntimeError
+  except Exception as e:  # pylint: disable=broad-except  # ValueError, (Xla)RuntimeError, ...
     lines = [line.strip() for line in str(e).splitlines() if line.strip()]
     raise DistributedSetupError(
         f"jax.distributed.initialize(coordinator_address={address}, num_processes={count}, "
