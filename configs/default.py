@@ -58,7 +58,10 @@ SCHEMA = {
     "data.shuffle": F(bool, "shuffle every epoch (a pure function of seed and epoch)"),
     "data.prefetch": F(int, "batches decoded ahead on a background thread (0: in next())",
                        _NONNEG),
-    "data.num_threads": F(int, "decoder threads", _COUNT),
+    "data.num_threads": F(int, "threads per process decoding batches (0: decode in next())",
+                          _NONNEG),
+    "data.worker_count": F(int, "grain worker processes decoding batches (0: this process only)",
+                           _NONNEG),
     "data.num_modes": F(int, "toy data: Gaussians on the ring", _COUNT),
 
     "teacher.source": F("pkl", "teacher: EDM .pkl, converted dir, random init of `network`, or the "

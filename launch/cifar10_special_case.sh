@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Usage: TEACHERS=... DATASETS=... [RUNS=runs] [INCEPTION=... FID_REFS=...] launch/$(basename "$0") [--config.x=y ...]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-fid() { [ -n "${INCEPTION:-}" ] && echo "--config.eval.every_ticks=50 --config.eval.detector_path=$INCEPTION --config.eval.ref=$FID_REFS/$1"; true; }
 # A special case on CIFAR-10 uncond: METHOD=sid|sida|diff_instruct|dmd|f_distill (default sid).
-exec python3 -m uni_instruct_jax.main --config=configs/cifar10.py --workdir="${RUNS:-runs}/cifar10_${METHOD:-sid}" --config.loss.method="${METHOD:-sid}" --config.teacher.path="$TEACHERS/edm-cifar10-32x32-uncond-vp.pkl" --config.data.path="$DATASETS/cifar10-32x32.zip" $(fid cifar10-32x32.npz) "$@"
+# Usage: [METHOD=sid] TEACHERS=... DATASETS=... [RUNS=runs] [INCEPTION=... FID_REFS=...] launch/cifar10_special_case.sh [--config.x=y ...]
+source "$(dirname "$0")/common.sh"
+METHOD="${METHOD:-sid}"
+experiment "cifar10_$METHOD" cifar10.py edm-cifar10-32x32-uncond-vp.pkl cifar10-32x32.zip \
+  cifar10-32x32.npz --config.loss.method="$METHOD" "$@"

@@ -1,7 +1,6 @@
 #!/usr/bin/env bash
-# Usage: TEACHERS=... DATASETS=... [RUNS=runs] [INCEPTION=... FID_REFS=...] launch/$(basename "$0") [--config.x=y ...]
-set -euo pipefail
-cd "$(dirname "$0")/.."
-fid() { [ -n "${INCEPTION:-}" ] && echo "--config.eval.every_ticks=50 --config.eval.detector_path=$INCEPTION --config.eval.ref=$FID_REFS/$1"; true; }
 # CIFAR-10 unconditional, Jeffreys (JKL), the released recipe (paper: FID 1.46).
-exec python3 -m uni_instruct_jax.main --config=configs/cifar10.py --workdir="${RUNS:-runs}/cifar10_uncond" --config.teacher.path="$TEACHERS/edm-cifar10-32x32-uncond-vp.pkl" --config.data.path="$DATASETS/cifar10-32x32.zip" $(fid cifar10-32x32.npz) "$@"
+# Usage: TEACHERS=... DATASETS=... [RUNS=runs] [INCEPTION=... FID_REFS=...] launch/cifar10_uncond.sh [--config.x=y ...]
+source "$(dirname "$0")/common.sh"
+experiment cifar10_uncond cifar10.py edm-cifar10-32x32-uncond-vp.pkl cifar10-32x32.zip \
+  cifar10-32x32.npz "$@"

@@ -68,7 +68,7 @@ def test_cifar10_jpeg_zip_images_and_labels(cifar_zip):
   source = ds._source
   for cls in (0, 3, 9):
     index = next(i for i, n in enumerate(source.names) if f"/{CIFAR_CLASSES[cls]}/" in n)
-    image, name, label = source.load(index)
+    image, name, label = source[index]
     assert label == cls and CIFAR_CLASSES[cls] in name and image.shape == (32, 32, 3)
   labels = np.concatenate([ds.next()["label"] for _ in range(2)])
   assert (labels.argmax(1) == 0).all()  # still airplanes (1,000 of them, unshuffled)
@@ -132,12 +132,52 @@ def test_processes_share_the_global_batch(cifar_zip):
     open_dataset(batch=10, process=(0, 3), path=cifar_zip)
 
 
+def test_resume_on_another_number_of_processes(cifar_zip):
+  one = open_dataset(batch=12, seed=6, path=cifar_zip)
+  one.next()
+  state = one.state()
+  want = one.next()["image"]
+  for count in (2, 4):
+    parts = [open_dataset(batch=12, seed=6, process=(p, count), path=cifar_zip, state=state)
+             for p in range(count)]
+    np.testing.assert_array_equal(np.concatenate([p.next()["image"] for p in parts]), want)
+  assert parts[0].state() == one.state()  # the position is global
+
+
 def test_prefetch_does_not_change_the_stream(cifar_zip):
   plain = open_dataset(batch=8, seed=2, path=cifar_zip)
   threaded = open_dataset(batch=8, seed=2, path=cifar_zip, prefetch=3, num_threads=3)
   for _ in range(3):
     np.testing.assert_array_equal(plain.next()["image"], threaded.next()["image"])
   threaded.close()
+
+
+@pytest.mark.slow  # spawns 4 grain worker processes (each imports jax): ~10 s idle, ~40 s loaded
+def test_grain_worker_processes_keep_the_stream_resume_and_report_bad_images(cifar_zip, tmp_path):
+  plain = open_dataset(batch=6, seed=4, path=cifar_zip, use_labels=True)
+  workers = open_dataset(batch=6, seed=4, path=cifar_zip, use_labels=True, worker_count=2,
+                         num_threads=1)
+  for _ in range(3):  # batches alternate between the two workers
+    want, got = plain.next(), workers.next()
+    np.testing.assert_array_equal(got["image"], want["image"])
+    np.testing.assert_array_equal(got["label"], want["label"])
+    assert type(got["image"]) is np.ndarray  # not a view of grain's shared memory
+  state = workers.state()
+  workers.close()
+  resumed = open_dataset(batch=6, seed=4, path=cifar_zip, use_labels=True, worker_count=1,
+                         state=state)
+  np.testing.assert_array_equal(resumed.next()["image"], plain.next()["image"])
+  resumed.close()
+  corrupt = tmp_path / "corrupt.zip"
+  with zipfile.ZipFile(corrupt, "w") as z:
+    for i, image in enumerate(_images(3)):
+      z.writestr(f"a/{i}.png", _png(image))
+    z.writestr("a/3.png", b"\x89PNG garbage")
+  bad = open_dataset(batch=2, path=str(corrupt), shuffle=False, worker_count=2, num_threads=1)
+  bad.next()  # worker 0: a/0.png, a/1.png
+  with pytest.raises(data.DataError, match="cannot decode image .*3.png"):
+    bad.next()  # worker 1 fails; the error crosses the process boundary unchanged
+  bad.close()
 
 
 # ------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from conftest import ROOT, shared_path
 from uni_instruct_jax import export
 from uni_instruct_jax import image_folder
 from uni_instruct_jax import networks
-from uni_instruct_jax import train
+from uni_instruct_jax import builders
 from uni_instruct_jax import train_state as ts
 from uni_instruct_jax.convert import edm_to_flax
 from uni_instruct_jax.convert import safe_unpickle
@@ -53,9 +53,9 @@ def workdir(tmp_path_factory):
   pkl = shared_path('fixtures', 'edm', PKL)
   config = runpy.run_path(str(ROOT / 'configs' / 'cifar10.py'))['get_config']()
   config.teacher.path = str(pkl)
-  nets, frozen, init_params = train.build_image_nets(config)
+  nets, frozen, init_params = builders.build_image_nets(config)
   gen, fake = init_params(None)
-  gen_tx, fake_tx = train.make_optimizers(config)
+  gen_tx, fake_tx = builders.make_optimizers(config)
   state = ts.create_state(gen, fake, gen_tx, fake_tx, 0)
   path = tmp_path_factory.mktemp('export_workdir')
   (path / 'config.json').write_text(config.to_json_best_effort(indent=2, sort_keys=True))

@@ -1,6 +1,6 @@
-"""Real-image data: EDM dataset zips, image folders, tfds; deterministic, sharded, resumable.
+"""Real-image data on grain: EDM dataset zips, image folders, tfds; global order, resumable.
 
-Sources (`data.source`):
+Sources (`data.source`), each a grain random-access source (len, [i]):
   'folder'   a directory or .zip of images. Labels come from an EDM `dataset.json`
              (`{"labels": [[fname, label], ...]}`) when present, otherwise from class folders:
              the first path component below the images' common folder, classes in sorted order
@@ -25,20 +25,34 @@ Order and sharding: the global example order is a concatenation of per-epoch per
 `np.random.default_rng([seed, epoch]).permutation(num_examples)` (identity when not shuffling);
 global batch i is positions [i B, (i + 1) B) of that stream (batches run across epoch ends), and
 process p of P takes the contiguous rows [p B / P, (p + 1) B / P) of it, so the union over processes
-is the same global batch for any P. `state()` = {"position": images drawn, "seed": seed} resumes
-exactly. A background thread decodes ahead (`prefetch` batches, `num_threads` decoders) without
-changing the order.
+is the same global batch for any P (this is not grain's per-process record sharding, which would
+change the batches with P).
+
+Pipeline (grain): `MapDataset.source` of this process's batches of the global order (element j
+= the source indices of its rows of global batch j; a random-access source of batches, so grain's
+per-element bookkeeping is paid once per batch) -> decode + transform -> `to_iter_dataset`, where
+`num_threads` threads decode whole batches, up to max(`prefetch`, `num_threads`) ahead ->
+`mp_prefetch` with `worker_count` grain worker processes (0 = none), which take the batches
+round-robin and return them in order. Neither knob changes the stream.
+
+State: `state()` = {"position": images drawn (global), "seed": seed}, saved in the training
+checkpoint's metadata. It is grain's iterator state reduced to what defines the stream: grain's own
+state of an `mp_prefetch` iterator holds one `next_index` per worker slice and so depends on the
+worker count and, through the rows, on the process count; since every source is random access the
+pipeline restarts at the position for any worker or process count, bitwise equal.
 """
 
-import concurrent.futures
+import dataclasses
+import functools
 import io
 import json
 import os
-import queue
+import sys
 import threading
+import time
 import warnings
 import zipfile
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import ml_collections
 import numpy as np
@@ -69,8 +83,9 @@ def get_data_config() -> ml_collections.ConfigDict:
       use_labels=False,  # One-hot class labels (label_dim 0 when False).
       max_size=0,  # Use an EDM-style random subset of this many images; 0 = all.
       shuffle=True,  # Shuffle every epoch (a pure function of seed and epoch).
-      prefetch=2,  # Batches decoded ahead on a background thread (0 = decode in next()).
-      num_threads=4,  # Decoder threads.
+      prefetch=2,  # Batches decoded ahead per process (0 = decode in next()).
+      num_threads=4,  # Threads per process decoding batches (0 = decode in next()).
+      worker_count=0,  # grain worker processes decoding batches (0 = this process only).
   ))
 
 
@@ -137,8 +152,8 @@ def _decode(data: bytes, name: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------
-# Random-access sources: len(), load(i) -> (uint8 [h, w, c], name, raw label or None),
-# has_labels, label_dim, path.
+# Random-access sources (grain's RandomAccessDataSource protocol): len(), [i] -> (uint8 [h, w, c],
+# name, raw label or None); has_labels, label_dim, path. Picklable for grain's worker processes.
 
 class _ArchiveSource:
   """Images in a directory or zip (EDM's ImageFolderDataset conventions)."""
@@ -165,6 +180,12 @@ class _ArchiveSource:
       raise DataError(f"no image files found in {path}")
     self.labels, self.label_dim = self._load_labels(set(names), edm_labels_only)
 
+  def __getstate__(self):  # open zip handles stay in their process and thread
+    return {k: v for k, v in self.__dict__.items() if k != "_local"}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _local=threading.local())
+
   def _zipfile(self) -> zipfile.ZipFile:
     if getattr(self._local, "zip", None) is None:
       self._local.zip = zipfile.ZipFile(self.path)
@@ -186,7 +207,7 @@ class _ArchiveSource:
   def has_labels(self) -> bool:
     return self.labels is not None
 
-  def load(self, index: int) -> Tuple[np.ndarray, str, Any]:
+  def __getitem__(self, index: int) -> Tuple[np.ndarray, str, Any]:
     name = f"{self.path}:{self.names[index]}"
     label = None if self.labels is None else self.labels[index]
     return _decode(self._read(self.names[index]), name), name, label
@@ -259,7 +280,7 @@ class _TfdsSource:
   def __len__(self) -> int:
     return len(self._source)
 
-  def load(self, index: int) -> Tuple[np.ndarray, str, Any]:
+  def __getitem__(self, index: int) -> Tuple[np.ndarray, str, Any]:
     name = f"{self.path}#{index}"
     example = self._source[int(index)]
     image = np.asarray(example["image"])
@@ -267,6 +288,121 @@ class _TfdsSource:
       raise DataError(f"{name}: expected a uint8 image, got {image.dtype} {image.shape}")
     label = np.int64(example["label"]) if self.has_labels else None
     return (image[:, :, None] if image.ndim == 2 else image), name, label
+
+
+# ---------------------------------------------------------------------------------------------
+# The grain pipeline: picklable maps (they travel to grain's worker processes).
+
+class _Example:
+  """Source index -> (uint8 [R, R, C], float32 [label_dim]); checks size, channels and label."""
+
+  def __init__(self, source, first_index: int, *, resolution: int, resize: bool,
+               imagenet_preprocess: bool, label_dim: int):
+    self.source = source
+    self.resize = resize
+    self.imagenet_preprocess = imagenet_preprocess
+    self.label_dim = label_dim
+    image, name, _ = source[first_index]
+    self.resolution = resolution or image.shape[0]
+    self.num_channels = None
+    self.num_channels = self.transform(image, name).shape[2]
+
+  def transform(self, image: np.ndarray, name: str) -> np.ndarray:
+    """Brings a decoded [h, w, c] uint8 image to [resolution, resolution, C] or raises."""
+    res = self.resolution
+    if self.imagenet_preprocess:
+      image = center_crop_lanczos(image, res)
+    elif image.shape[:2] != (res, res):
+      if not self.resize:
+        raise DataError(f"{name} is {image.shape[1]}x{image.shape[0]}, expected {res}x{res} "
+                        f"(set data.resize=True to resample, or data.resolution=0 for native)")
+      if image.shape[0] != image.shape[1]:
+        raise DataError(f"{name} is not square ({image.shape[1]}x{image.shape[0]}); set "
+                        f"data.imagenet_preprocess=True to centre-crop")
+      image = resize_square(image, res)
+    if self.num_channels is not None and image.shape[2] != self.num_channels:
+      raise DataError(f"{name} has {image.shape[2]} channels, expected {self.num_channels}")
+    return image
+
+  def __call__(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
+    image, name, raw = self.source[int(index)]
+    image = self.transform(image, name)
+    if self.label_dim == 0:
+      return image, np.zeros((0,), np.float32)
+    if np.ndim(raw) == 1:  # a float label vector from dataset.json
+      return image, np.asarray(raw, np.float32)
+    if not 0 <= raw < self.label_dim:
+      raise DataError(f"{name}: label {raw} outside [0, {self.label_dim})")
+    return image, np.eye(self.label_dim, dtype=np.float32)[raw]
+
+  def batch(self, indices: Sequence[int]) -> Tuple[np.ndarray, np.ndarray]:
+    """(uint8 [n, R, R, C], float32 [n, label_dim]) of n source indices."""
+    pairs = [self(i) for i in indices]
+    return (np.stack([p[0] for p in pairs]),
+            np.stack([p[1] for p in pairs]).reshape(len(pairs), self.label_dim))
+
+
+@functools.lru_cache(maxsize=2)
+def _epoch_permutation(seed: int, epoch: int, num_examples: int) -> np.ndarray:
+  return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _GlobalOrder:
+  """The global stream as a random-access source of batches: element j -> the source indices
+  (int64 [b]) of this process's rows of global batch start / B + j, i.e. of global stream
+  positions start + j B + row0 + [0, b) (b = local, B = global batch size).
+  """
+  indices: np.ndarray  # int64 [num_examples]: source indices of the (max_size) example list
+  seed: int
+  shuffle: bool
+  global_batch_size: int
+  local_batch_size: int
+  row0: int
+  start: int = 0
+
+  def __len__(self) -> int:
+    return sys.maxsize  # endless: batches run across epoch ends
+
+  def __getitem__(self, j: int) -> np.ndarray:
+    return self.stream_indices(self.start + int(j) * self.global_batch_size + self.row0,
+                               self.local_batch_size)
+
+  def stream_indices(self, start: int, count: int) -> np.ndarray:
+    """Source indices at global stream positions [start, start + count)."""
+    num = len(self.indices)
+    epochs, offsets = np.divmod(np.arange(start, start + count, dtype=np.int64), num)
+    if not self.shuffle:
+      return self.indices[offsets]
+    out = np.empty(count, np.int64)
+    for epoch in np.unique(epochs):
+      mask = epochs == epoch
+      out[mask] = self.indices[_epoch_permutation(self.seed, int(epoch), num)[offsets[mask]]]
+    return out
+
+
+def _train_batch(batch: Tuple[np.ndarray, np.ndarray]) -> Dict[str, np.ndarray]:
+  """dict(image=float32 [b, H, W, C] in [-1, 1], label=float32 [b, label_dim])."""
+  return dict(image=batch[0].astype(np.float32) / 127.5 - 1, label=batch[1])
+
+
+def _uint8_images(batch: Tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+  """uint8 [b, H, W, C]."""
+  return batch[0]
+
+
+def _owned(array: np.ndarray) -> np.ndarray:
+  """A plain copy of an array grain's workers handed over in shared memory (which grain unlinks
+  once it drops its view; the trainer may keep host buffers alive longer)."""
+  return np.array(array)
+
+
+def _allow_grain_workers() -> None:
+  """grain's worker start reads its absl flags; outside an absl app (tests, the bench) nothing
+  parsed them, so mark them parsed (their defaults)."""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -282,159 +418,82 @@ class Dataset:
                process_count: int, resolution: int = 0, resize: bool = False,
                imagenet_preprocess: bool = False, use_labels: bool = False, max_size: int = 0,
                shuffle: bool = True, prefetch: int = 2, num_threads: int = 4,
-               state: Optional[Dict[str, Any]] = None):
+               worker_count: int = 0, state: Optional[Dict[str, Any]] = None):
     if global_batch_size <= 0 or process_count <= 0 or not 0 <= process_index < process_count:
       raise DataError(f"invalid batch/process setup: global_batch_size={global_batch_size}, "
                       f"process {process_index} of {process_count}")
     if global_batch_size % process_count:
       raise DataError(f"global_batch_size {global_batch_size} is not divisible by the "
                       f"{process_count} processes")
-    if seed < 0 or resolution < 0 or max_size < 0 or prefetch < 0 or num_threads < 0:
-      raise DataError("seed, resolution, max_size, prefetch and num_threads must be >= 0")
+    if min(seed, resolution, max_size, prefetch, num_threads, worker_count) < 0:
+      raise DataError("seed, resolution, max_size, prefetch, num_threads and worker_count must "
+                      "be >= 0")
     if imagenet_preprocess and resolution == 0:
       raise DataError("imagenet_preprocess needs data.resolution > 0")
     self._source = source
     self._seed = int(seed)
-    self._resize = resize
-    self._imagenet_preprocess = imagenet_preprocess
-    self._shuffle = shuffle
     self.global_batch_size = global_batch_size
     self.local_batch_size = global_batch_size // process_count
-    self._row0 = process_index * self.local_batch_size
 
-    self._indices = np.arange(len(source), dtype=np.int64)
+    indices = np.arange(len(source), dtype=np.int64)
     if max_size and len(source) > max_size:  # EDM's subset rule.
-      np.random.RandomState(0).shuffle(self._indices)
-      self._indices = np.sort(self._indices[:max_size])
-    self.num_examples = len(self._indices)
+      np.random.RandomState(0).shuffle(indices)
+      indices = np.sort(indices[:max_size])
+    self._indices = indices
+    self.num_examples = len(indices)
 
     if use_labels and not source.has_labels:
       raise DataError(f"data.use_labels=True but {source.path} has no labels")
     self.label_dim = source.label_dim if use_labels else 0
-
-    first, name, _ = source.load(int(self._indices[0]))
-    self.resolution = resolution or first.shape[0]
-    first = self._transform(first, name, expected_channels=None)
-    self.num_channels = first.shape[2]
-
-    self._pool = (concurrent.futures.ThreadPoolExecutor(num_threads) if num_threads else None)
-    self._prefetch = prefetch
-    self._perm_cache: Dict[int, np.ndarray] = {}
+    self._example = _Example(source, int(indices[0]), resolution=resolution, resize=resize,
+                             imagenet_preprocess=imagenet_preprocess, label_dim=self.label_dim)
+    self.resolution, self.num_channels = self._example.resolution, self._example.num_channels
+    self._order = _GlobalOrder(indices, self._seed, shuffle, global_batch_size,
+                               self.local_batch_size, process_index * self.local_batch_size)
+    self._loader = dict(prefetch=prefetch, num_threads=num_threads, worker_count=worker_count)
     self._position = 0
-    self._thread = None
+    self._iterator = None
     if state is not None:
       self.restore(state)
 
-  # -- decoding ---------------------------------------------------------------------------------
-
-  def _transform(self, image: np.ndarray, name: str, expected_channels: Optional[int]):
-    """Brings a decoded [h, w, c] uint8 image to [resolution, resolution, C] or raises."""
-    res = self.resolution
-    if self._imagenet_preprocess:
-      image = center_crop_lanczos(image, res)
-    elif image.shape[:2] != (res, res):
-      if not self._resize:
-        raise DataError(f"{name} is {image.shape[1]}x{image.shape[0]}, expected {res}x{res} "
-                        f"(set data.resize=True to resample, or data.resolution=0 for native)")
-      if image.shape[0] != image.shape[1]:
-        raise DataError(f"{name} is not square ({image.shape[1]}x{image.shape[0]}); set "
-                        f"data.imagenet_preprocess=True to centre-crop")
-      image = resize_square(image, res)
-    if expected_channels is not None and image.shape[2] != expected_channels:
-      raise DataError(f"{name} has {image.shape[2]} channels, expected {expected_channels}")
-    return image
-
-  def _load(self, index: int) -> Tuple[np.ndarray, np.ndarray]:
-    """(uint8 [H, W, C], float32 [label_dim]) of a position into the (max_size) example list."""
-    image, name, raw = self._source.load(int(self._indices[index]))
-    image = self._transform(image, name, self.num_channels)
-    if self.label_dim == 0:
-      return image, np.zeros((0,), np.float32)
-    if np.ndim(raw) == 1:  # a float label vector from dataset.json
-      return image, np.asarray(raw, np.float32)
-    if not 0 <= raw < self.label_dim:
-      raise DataError(f"{name}: label {raw} outside [0, {self.label_dim})")
-    return image, np.eye(self.label_dim, dtype=np.float32)[raw]
-
-  def _load_many(self, indices: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """(uint8 [n, H, W, C], float32 [n, label_dim]) for positions into the example list."""
-    if self._pool is None:
-      pairs = [self._load(i) for i in indices]
-    else:
-      pairs = list(self._pool.map(self._load, indices))
-    return (np.stack([p[0] for p in pairs]),
-            np.stack([p[1] for p in pairs]).reshape(len(pairs), self.label_dim))
-
-  # -- order ----------------------------------------------------------------------------------
-
-  def _epoch_order(self, epoch: int) -> np.ndarray:
-    if not self._shuffle:
-      return np.arange(self.num_examples)
-    if epoch not in self._perm_cache:
-      if len(self._perm_cache) >= 2:
-        self._perm_cache.pop(min(self._perm_cache))
-      rng = np.random.default_rng([self._seed, epoch])
-      self._perm_cache[epoch] = rng.permutation(self.num_examples)
-    return self._perm_cache[epoch]
+  def _batches(self, batches: Sequence[np.ndarray], output_fn):
+    """A grain iterator over output_fn(decoded batch) of `batches` (int64 [n] source indices;
+    a batch is grain's element: its per-element bookkeeping would cost as much as a decode)."""
+    import grain  # pylint: disable=import-outside-toplevel  # heavy (imports jax); workers only
+    prefetch, threads, workers = (self._loader[k] for k in ("prefetch", "num_threads",
+                                                            "worker_count"))
+    threaded = prefetch > 0 and threads > 0
+    dataset = (grain.MapDataset.source(batches).map(self._example.batch).map(output_fn)
+               .to_iter_dataset(grain.ReadOptions(
+                   num_threads=threads if threaded else 0,
+                   prefetch_buffer_size=max(prefetch, threads) if threaded else 0)))
+    if workers:
+      _allow_grain_workers()
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=workers, per_worker_buffer_size=max(prefetch, 1)))
+    return iter(dataset)
 
   def stream_indices(self, start: int, count: int) -> np.ndarray:
-    """Example positions (into the max_size subset) at global stream positions [start, +count)."""
-    pos = np.arange(start, start + count, dtype=np.int64)
-    epochs, offsets = np.divmod(pos, self.num_examples)
-    out = np.empty(count, np.int64)
-    for epoch in np.unique(epochs):
-      mask = epochs == epoch
-      out[mask] = self._epoch_order(int(epoch))[offsets[mask]]
-    return out
+    """Source indices at global stream positions [start, start + count)."""
+    return self._order.stream_indices(start, count)
 
-  def _local_batch(self, position: int) -> Dict[str, np.ndarray]:
-    indices = self.stream_indices(position + self._row0, self.local_batch_size)
-    images, labels = self._load_many(indices)
-    return dict(image=images.astype(np.float32) / 127.5 - 1, label=labels)
-
-  # -- iteration, prefetch, state ---------------------------------------------------------------
-
-  def _producer(self, position: int, out: queue.Queue, stop: threading.Event):
-    while not stop.is_set():
-      try:
-        item = self._local_batch(position)
-      except Exception as e:  # pylint: disable=broad-except  # re-raised in next()
-        item = e
-      while not stop.is_set():
-        try:
-          out.put(item, timeout=0.1)
-          break
-        except queue.Full:
-          continue
-      if isinstance(item, Exception):
-        return
-      position += self.global_batch_size
-
-  def _stop_thread(self):
-    if self._thread is not None:
-      self._stop.set()
-      self._thread.join()
-      self._thread = None
+  # -- iteration, state -----------------------------------------------------------------------
 
   def __iter__(self) -> Iterator[Dict[str, np.ndarray]]:
     return self
 
   def __next__(self) -> Dict[str, np.ndarray]:
-    if self._prefetch == 0:
-      batch = self._local_batch(self._position)
-    else:
-      if self._thread is None:
-        self._queue = queue.Queue(self._prefetch)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._producer, daemon=True,
-                                        args=(self._position, self._queue, self._stop))
-        self._thread.start()
-      batch = self._queue.get()
-      if isinstance(batch, Exception):
-        self._thread.join()
-        self._thread = None
-        raise batch
+    if self._iterator is None:
+      order = dataclasses.replace(self._order, start=self._position)
+      self._iterator = self._batches(order, _train_batch)
+    try:
+      batch = next(self._iterator)
+    except Exception:
+      self.close()
+      raise
     self._position += self.global_batch_size
+    if self._loader["worker_count"]:
+      batch = {k: _owned(v) for k, v in batch.items()}
     return batch
 
   next = __next__
@@ -452,22 +511,26 @@ class Dataset:
                       f"int}}") from e
     if seed != self._seed or position < 0:
       raise DataError(f"data state {state!r} does not belong to this dataset (seed {self._seed})")
-    self._stop_thread()
+    self.close()
     self._position = position
 
   def uint8_batches(self, batch_size: int) -> Iterator[np.ndarray]:
     """Every example once, in dataset order: uint8 [<=batch_size, H, W, C] (reference stats)."""
     if batch_size <= 0:
       raise DataError(f"batch_size must be positive, got {batch_size}")
-    for start in range(0, self.num_examples, batch_size):
-      yield self._load_many(np.arange(start, min(start + batch_size, self.num_examples)))[0]
+    iterator = self._batches([self._indices[i:i + batch_size]
+                              for i in range(0, self.num_examples, batch_size)], _uint8_images)
+    try:
+      for images in iterator:
+        yield _owned(images) if self._loader["worker_count"] else images
+    finally:
+      iterator.close()
 
   def close(self) -> None:
-    """Stops the prefetch thread and the decoder threads."""
-    self._stop_thread()
-    if self._pool is not None:
-      self._pool.shutdown()
-      self._pool = None
+    """Stops grain's threads and worker processes (iteration restarts at the position)."""
+    if self._iterator is not None:
+      self._iterator.close()
+      self._iterator = None
 
 
 def create_dataset(data_config: ml_collections.ConfigDict, global_batch_size: int, seed: int,
@@ -497,4 +560,45 @@ def create_dataset(data_config: ml_collections.ConfigDict, global_batch_size: in
                  resolution=cfg.resolution, resize=cfg.resize,
                  imagenet_preprocess=cfg.imagenet_preprocess, use_labels=cfg.use_labels,
                  max_size=cfg.max_size, shuffle=cfg.shuffle, prefetch=cfg.prefetch,
-                 num_threads=cfg.num_threads, state=state)
+                 num_threads=cfg.num_threads, worker_count=cfg.worker_count,
+                 state=state)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode throughput: python -m uni_instruct_jax.data --bench=PATH [--workers=0,1,2] [--threads=1]
+
+def bench(path: str, workers: Sequence[int] = (1, 2), num_threads: int = 1,
+          batch_size: int = 256, num_batches: int = 40, warmup: int = 2) -> List[Dict[str, Any]]:
+  """Decode throughput of `path` (a 'folder' source): one record per grain worker count with
+  images_per_sec over `num_batches` shuffled batches after `warmup` untimed ones (worker start-up
+  excluded)."""
+  records = []
+  for count in workers:
+    config = get_data_config()
+    config.update(path=path, worker_count=count, num_threads=num_threads)
+    dataset = create_dataset(config, batch_size, seed=0, process_index=0, process_count=1)
+    for _ in range(warmup):
+      dataset.next()
+    start = time.perf_counter()
+    for _ in range(num_batches):
+      dataset.next()
+    seconds = time.perf_counter() - start
+    dataset.close()
+    records.append({"workers": count, "threads": num_threads, "batch_size": batch_size,
+                    "num_batches": num_batches,
+                    "images_per_sec": round(batch_size * num_batches / seconds, 1)})
+  return records
+
+
+if __name__ == "__main__":
+  import argparse  # pylint: disable=import-outside-toplevel
+  parser = argparse.ArgumentParser(description="Decode throughput of an image zip/folder.")
+  parser.add_argument("--bench", required=True, help="directory or .zip of images")
+  parser.add_argument("--workers", default="1,2", help="comma-separated grain worker counts")
+  parser.add_argument("--threads", type=int, default=1, help="decoding threads per process")
+  parser.add_argument("--batch", type=int, default=256)
+  parser.add_argument("--batches", type=int, default=40)
+  args = parser.parse_args()
+  for record in bench(args.bench, [int(w) for w in args.workers.split(",")], args.threads,
+                      args.batch, args.batches):
+    print(json.dumps(record), flush=True)

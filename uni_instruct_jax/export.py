@@ -63,7 +63,7 @@ import orbax.checkpoint as ocp
 from uni_instruct_jax import cli as cli_lib
 from uni_instruct_jax import image_folder
 from uni_instruct_jax import networks
-from uni_instruct_jax import train
+from uni_instruct_jax import builders
 from uni_instruct_jax import train_state as ts
 
 ARCHIVE = 'archive'
@@ -374,7 +374,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = 'ema
 
   Returns the written paths: out, out.json[, out-fake_score.pt, out-fake_score.json]
   [, out-reference.npz: `reference_batch` of `reference` samples, when reference > 0].
-  Raises ExportError (or train.SetupError for an unloadable teacher) on bad input.
+  Raises ExportError (or builders.SetupError for an unloadable teacher) on bad input.
   """
   workdir, out = pathlib.Path(workdir), pathlib.Path(out)
   config = _load_config(workdir)
@@ -385,7 +385,7 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = 'ema
   if out.suffix == '.json':
     raise ExportError(f'--out {out} must not end in .json (the kwargs go to {out.stem}.json)')
   step, params = restore_params(workdir, which, fake_score)
-  nets, frozen, _ = train.build_image_nets(config)  # the architecture and the frozen buffers
+  nets, frozen, _ = builders.build_image_nets(config)  # the architecture and the frozen buffers
   model = nets.gen
   class_name, kwargs = edm_constructor(model)
   buffers = {'buffers': frozen['buffers']} if frozen['buffers'] else {}
@@ -420,7 +420,7 @@ def cli(workdir: Optional[str], out: Optional[str], which: str = 'ema',
     if not workdir or not out:
       raise ExportError('both --workdir and --out are required')
     paths = export(workdir, out, which, fake_score, reference)
-  except (ExportError, train.SetupError) as e:
+  except (ExportError, builders.SetupError) as e:
     cli_lib.fail(str(e))
   print('wrote ' + ', '.join(str(p) for p in paths))
 

@@ -41,6 +41,12 @@ flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "ref", "print_con
                   "statistics of the data; print_config: print the resolved config with each "
                   "field's description and valid values, then exit.")
 flags.mark_flags_as_required(["config"])
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator for a "
+                    "multi-process run JAX cannot discover (env JAX_COORDINATOR_ADDRESS).")
+flags.DEFINE_integer("num_processes", None, "Processes of a multi-process run (env "
+                     "JAX_NUM_PROCESSES); 1 = single process.")
+flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes) (env "
+                     "JAX_PROCESS_ID).")
 
 EXIT_BAD_INPUT = 2
 
@@ -114,7 +120,11 @@ def main(argv):
     _fail(f"--workdir is required for --mode={FLAGS.mode}")
   if not FLAGS["verbosity"].present:  # orbax logs every save at INFO; -v 0 brings it back.
     logging.set_verbosity(logging.WARNING)
-  parallel.initialize_distributed()
+  try:
+    parallel.initialize_distributed(FLAGS.coordinator_address, FLAGS.num_processes,
+                                    FLAGS.process_id)
+  except parallel.DistributedSetupError as e:
+    _fail(str(e))
   # pylint: disable=g-import-not-at-top
   from uni_instruct_jax import builders
   from uni_instruct_jax import train

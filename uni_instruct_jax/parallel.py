@@ -2,10 +2,14 @@
 
 The mesh has two axes: 'data' (the batch is split over it) and 'model' (optional parameter
 sharding for large networks; size 1 by default). Every process feeds its own slice of the global
-batch and `global_batch` assembles the global `jax.Array`.
+batch and `global_batch` assembles the global `jax.Array`. `initialize_distributed` joins the
+processes of a multi-host job (or fails loudly) before anything touches a device.
 """
 
-from typing import Any
+import os
+import socket
+import time
+from typing import Any, Optional
 
 import jax
 import numpy as np
@@ -14,18 +18,94 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 MODEL_AXIS = "model"
+# A process that sends no heartbeat for this long counts as dead and the others stop with an
+# error (JAX's default is 100 s).
+HEARTBEAT_TIMEOUT_S = 30
+# How long processes wait for each other (and for the coordinator) at start-up: workers of a pod
+# start minutes apart.
+INITIALIZATION_TIMEOUT_S = 300
 
 
-def initialize_distributed() -> None:
-  """Calls `jax.distributed.initialize()` on multi-host runs; a no-op on one host.
+class DistributedSetupError(ValueError):
+  """A multi-process job that cannot start: bad arguments, unreachable coordinator."""
 
-  On Cloud TPU pods and SLURM/MPI clusters JAX discovers the coordinator itself; on a single
-  machine the call raises ValueError (nothing to discover), which is ignored.
-  """
+
+def _env_int(name: str) -> Optional[int]:
+  value = os.environ.get(name, "")
   try:
-    jax.distributed.initialize()
-  except (ValueError, RuntimeError) as e:  # single host, or already initialised
-    logging.info("jax.distributed.initialize() skipped: %s", str(e).splitlines()[0])
+    return int(value) if value else None
+  except ValueError:
+    raise DistributedSetupError(f"{name}={value!r} is not an integer") from None
+
+
+def _wait_for_coordinator(address: str, timeout_s: float) -> None:
+  """Returns once a TCP connection to host:port succeeds; DistributedSetupError after timeout_s
+  (JAX's client would abort the process with a stack trace instead of raising)."""
+  host, _, port = address.rpartition(":")
+  if not host or not port.isdigit():
+    raise DistributedSetupError(f"coordinator address {address!r} is not host:port")
+  deadline = time.monotonic() + timeout_s
+  while True:
+    try:
+      with socket.create_connection((host.strip("[]"), int(port)), timeout=5):
+        return
+    except OSError as e:
+      if time.monotonic() >= deadline:
+        raise DistributedSetupError(
+            f"coordinator {address} unreachable for {timeout_s:g} s ({e}); is process 0 running "
+            f"and is the address reachable from this host?") from None
+      time.sleep(0.5)
+
+
+def _cluster_environment() -> Optional[str]:
+  """The cluster JAX would auto-detect (Cloud TPU, SLURM, Open MPI, Kubernetes) or None."""
+  from jax._src import clusters  # pylint: disable=g-import-not-at-top  # initialize()'s own probe
+  env = next((e for e in clusters.ClusterEnv._cluster_types  # pylint: disable=protected-access
+              if not e.opt_in_only_method and e.is_env_present()), None)
+  return None if env is None else env.__name__
+
+
+def initialize_distributed(coordinator_address: Optional[str] = None,
+                           num_processes: Optional[int] = None,
+                           process_id: Optional[int] = None, *,
+                           heartbeat_timeout_seconds: int = HEARTBEAT_TIMEOUT_S,
+                           initialization_timeout: int = INITIALIZATION_TIMEOUT_S) -> bool:
+  """Joins the multi-process job (`jax.distributed.initialize`); returns False for one process.
+
+  Arguments left None come from JAX_COORDINATOR_ADDRESS (which JAX itself reads),
+  JAX_NUM_PROCESSES and JAX_PROCESS_ID; what is still unset JAX detects on Cloud TPU, SLURM,
+  Open MPI and Kubernetes. A single process (num_processes == 1, or nothing given and no cluster
+  detected) skips the call. Anything else that fails (unreachable coordinator, missing or
+  inconsistent arguments) raises DistributedSetupError with one line: a job must never silently
+  split into independent runs sharing one workdir.
+  """
+  if jax.distributed.is_initialized():
+    return True
+  address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS") or None
+  count = num_processes if num_processes is not None else _env_int("JAX_NUM_PROCESSES")
+  index = process_id if process_id is not None else _env_int("JAX_PROCESS_ID")
+  if count == 1 and index in (None, 0):
+    return False
+  if address is None and count is None and index is None:
+    cluster = _cluster_environment()
+    if cluster is None:
+      logging.info("single process: no coordinator given and no cluster environment detected")
+      return False
+    logging.info("jax.distributed: detected %s", cluster)
+  if address is not None and index not in (None, 0):
+    _wait_for_coordinator(address, initialization_timeout)
+  try:
+    jax.distributed.initialize(address, count, index,
+                               initialization_timeout=initialization_timeout,
+                               heartbeat_timeout_seconds=heartbeat_timeout_seconds)
+  except Exception as e:  # pylint: disable=broad-except  # ValueError, (Xla)RuntimeError, ...
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    raise DistributedSetupError(
+        f"jax.distributed.initialize(coordinator_address={address}, num_processes={count}, "
+        f"process_id={index}) failed: {lines[0] if lines else type(e).__name__}") from e
+  logging.info("process %d of %d (coordinator %s)", jax.process_index(), jax.process_count(),
+               address or "auto-detected")
+  return True
 
 
 def make_mesh(model_parallelism: int = 1, devices=None) -> Mesh:

@@ -68,13 +68,12 @@ def phase_options(cfg: StepConfig) -> List[Dict[str, Any]]:
   phase p >= 1 uses entry p - 1."""
   preset = loss_preset(cfg.method, cfg.mode)
   sid = losses.method_options("sid", alpha=1.0)
-  main = [losses.method_options(preset, div if preset in _DIVERGENCE_METHODS else None,
+  main = [losses.method_options(preset, div if preset in losses.DIVERGENCE_METHODS else None,
                                 **dict(cfg.option_overrides))
           for _, div in cfg.schedule]
   return [sid] + main
 
 
-_DIVERGENCE_METHODS = ("uni_instruct", "uni_instruct_official", "f_distill")
 
 
 def _sanitize(tree: Any) -> Tuple[Any, jnp.ndarray]:
