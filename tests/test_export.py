@@ -163,7 +163,7 @@ def test_file_layout_and_opcodes_are_torchs(tmp_path):
   path = tmp_path / 'x.pt'
   export.write_torch_state_dict(path, arrays)
   loaded = safe_unpickle.load_torch_file(path)
-  assert isinstance(loaded, collections.OrderedDict) and list(loaded) == list(arrays)
+  assert isinstance(loaded, dict) and list(loaded) == list(arrays)  # key order preserved
   for key, value in arrays.items():
     assert loaded[key].dtype == value.dtype and loaded[key].shape == value.shape, key
     np.testing.assert_array_equal(loaded[key], value)
