@@ -44,7 +44,7 @@ SCHEMA = {
 
     # Values from data.get_data_config() (see uni_instruct_jax/data.py's docstring).
     "data.source": F(str, "image source ('toy': the toy mixture of configs/toy2d.py)",
-                     ("folder", "edm_zip", "tfds", "toy")),
+                     ("folder", "edm_zip", "tfds", "toy", "image_mixture")),
     "data.path": F(str, "directory or .zip of images for 'folder' / 'edm_zip'"),
     "data.tfds_name": F(str, "tfds dataset name for 'tfds' (e.g. 'imagenet2012')"),
     "data.split": F(str, "tfds split"),
@@ -62,10 +62,12 @@ SCHEMA = {
                           _NONNEG),
     "data.worker_count": F(int, "grain worker processes decoding batches (0: this process only)",
                            _NONNEG),
-    "data.num_modes": F(int, "toy data: Gaussians on the ring", _COUNT),
+    "data.num_modes": F(int, "toy data: Gaussians on the ring (or image-mixture means)", _COUNT),
+    "data.mixture_std": F(float, "image mixture: per-pixel std of each component (data units)",
+                          _POS),
 
     "teacher.source": F("pkl", "teacher: EDM .pkl, converted dir, random init of `network`, or the "
-                        "toy's closed form", ("pkl", "converted", "random", "toy")),
+                        "toy's closed form", ("pkl", "converted", "random", "toy", "image_mixture")),
     "teacher.path": F("", "EDM .pkl or directory from `python -m uni_instruct_jax.convert`"),
     "teacher.fit_steps": F(int, "toy: Adam steps fitting the MLP denoiser to the exact teacher",
                            _COUNT),
