@@ -6,6 +6,7 @@ the images seen and the base RNG key (raw uint32 key data, so it checkpoints lik
 """
 
 import hashlib
+import json
 import pathlib
 import time
 from typing import Any, Dict, Optional, Tuple
@@ -16,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+
+from uni_instruct_jax import paths
 
 
 @flax.struct.dataclass
@@ -118,6 +121,27 @@ def tree_digest(tree: Any) -> Dict[str, str]:
   return digests
 
 
+FILE_DIGESTS = "file_digests.json"
+
+
+def file_digests(step_dir: Any) -> Dict[str, str]:
+  """{relative path: sha256 hex} of every file under a saved step directory (local or gs://),
+  except the FILE_DIGESTS record itself."""
+  step_dir = paths.workdir_path(step_dir)
+  digests, todo = {}, [step_dir]
+  while todo:  # epath has no recursive glob on object stores: walk the listing
+    for path in todo.pop().iterdir():
+      if path.is_dir():
+        todo.append(path)
+      elif path.name != FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+          for chunk in iter(lambda: f.read(1 << 22), b""):  # pylint: disable=cell-var-from-loop
+            digest.update(chunk)
+        digests[str(path.relative_to(step_dir))] = digest.hexdigest()
+  return dict(sorted(digests.items()))
+
+
 def _first_line(e: BaseException) -> str:
   text = str(e).strip()
   return text.splitlines()[0][:300] if text else type(e).__name__
@@ -130,8 +154,10 @@ class Checkpointer:
   Saves are atomic (orbax writes a temporary directory and renames it; a kill mid-save leaves
   only that directory, which the next run deletes) and the last `keep` steps are kept.
   'digest' holds `tree_digest(state)`, checked on every restore, so a changed byte in any array
-  is refused instead of restored. W/checkpoints holds the latest steps; W/checkpoints-best the
-  best-FID one (keep=1).
+  is refused instead of restored; after the save, process 0 also records the sha256 of every file
+  of the step in `<step>/file_digests.json` (checked before a restore: a flip in any byte, even
+  one the restore would not read, refuses the step). W/checkpoints holds the latest steps;
+  W/checkpoints-best the best-FID one (keep=1).
   """
 
   def __init__(self, workdir: pathlib.Path, keep: int, name: str = "checkpoints",
@@ -158,6 +184,9 @@ class Checkpointer:
           state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
           digest=ocp.args.JsonSave(tree_digest(state))), force=True)
       self.manager.wait_until_finished()
+      if jax.process_index() == 0:  # after orbax's final barrier: every process's files exist
+        step_dir = paths.workdir_path(self.directory) / str(step)
+        paths.write_text(step_dir / FILE_DIGESTS, json.dumps(file_digests(step_dir), indent=1))
     except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports I/O errors as these
       raise CheckpointError(f"cannot write checkpoint step {step} in {self.directory}: "
                             f"{_first_line(e)}") from e
@@ -167,6 +196,7 @@ class Checkpointer:
     """Restores (state placed like `abstract_state`'s shardings, meta) of `step` or the latest,
     verifying every array against the saved digest (CheckpointError on any difference)."""
     step = self.latest_step() if step is None else step
+    self._check_files(step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
           state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
@@ -183,6 +213,26 @@ class Checkpointer:
       raise CheckpointError(f"checkpoint step {step} in {self.directory}: {len(bad)} array(s) "
                             f"differ from the saved digest (first: {bad[0]})")
     return state, restored["meta"]
+
+  def _check_files(self, step: int) -> None:
+    """CheckpointError unless every file of `step` has the sha256 recorded after its save. A
+    step without the record (a kill between orbax's commit and that write) is checked by the
+    array digests alone."""
+    step_dir = paths.workdir_path(self.directory) / str(step)
+    record = step_dir / FILE_DIGESTS
+    if not record.exists():
+      return
+    try:
+      saved = json.loads(record.read_text())
+      actual = file_digests(step_dir)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"cannot verify checkpoint step {step} in {self.directory}: "
+                            f"{_first_line(e)}") from e
+    bad = sorted(k for k in saved if saved[k] != actual.get(k)) if isinstance(saved, dict) else [
+        FILE_DIGESTS]
+    if bad:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory}: {len(bad)} file(s) "
+                            f"missing or changed since the save (first: {bad[0]})")
 
   def restore_latest_intact(self, abstract_state: TrainState, move_damaged: bool = True
                             ) -> Optional[Tuple[TrainState, Dict[str, Any], int]]:
@@ -214,7 +264,8 @@ class Checkpointer:
         target = self.directory / f"{step}.corrupt-{stamp}"
         (self.directory / str(step)).rename(target)
         where = f"moved to {target.name}"
-      print(f"warning: {reason}; {where}; {outcome}", flush=True)
+      if jax.process_index() == 0:
+        print(f"warning: {reason}; {where}; {outcome}", flush=True)
     if damaged and move:
       self.manager.reload()
 
