@@ -28,6 +28,7 @@ from uni_instruct_jax import train_state as ts
 from uni_instruct_jax import workdir_lock
 from uni_instruct_jax import train
 from uni_instruct_jax.builders import SetupError
+from uni_instruct_jax.evaluation import run as eval_run
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -287,6 +288,9 @@ def test_disk_full_mid_run_is_one_setup_error_and_keeps_step_0(tmp_path, monkeyp
   run = builders.setup(config, str(tmp_path), write_config=False)  # restores and verifies step 0
   assert run.meta["step"] == 0 and run.checkpointer.latest_step() == 0
   run.checkpointer.close()
+  # --mode=sample reads a workdir that a run holds (it takes no lock).
+  with workdir_lock.WorkdirLock(tmp_path):
+    assert eval_run.sample(config, str(tmp_path)).name == "samples-00000000.npz"
 
 
 # ------------------------------------------------------------------------------------------------
