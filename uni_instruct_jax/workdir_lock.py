@@ -11,7 +11,8 @@ naming it (`WorkdirLockedError`, a `SetupError`: exit 2 from the CLI).
 Works through `paths` (etils.epath), so a gs:// workdir is locked too. Limitation: object stores
 reached through epath offer no create-if-absent, so there the lock is written and read back, and
 the token compared; two runs starting within the same second may both see their own token if
-the store is not read-after-write consistent (GCS is). Locally O_CREAT|O_EXCL is atomic.
+the store is not read-after-write consistent (GCS is). Locally a hard link of the complete
+record is atomic and fails when the lock exists.
 --mode=sample/eval never take the lock (they only read).
 """
 
@@ -71,12 +72,23 @@ class WorkdirLock:
         return False
       self.path.write_text(self._record())
       return self._read().get("token") == self.owner["token"]
+    # Locally: the full record in a private file, hard-linked into place (fails if the lock
+    # exists), so a kill never leaves a lock file without its owner.
+    tmp = self.path.with_name(f".{LOCK_NAME}.{self.owner['token']}")
+    tmp.write_text(self._record())
     try:
-      fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      os.link(tmp, self.path)
     except FileExistsError:
       return False
-    with os.fdopen(fd, "w") as f:
-      f.write(self._record())
+    except OSError:  # a filesystem without hard links: create-exclusive, then write
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        return False
+      with os.fdopen(fd, "w") as f:
+        f.write(self._record())
+    finally:
+      tmp.unlink()
     return True
 
   def _read(self) -> Dict[str, Any]:
