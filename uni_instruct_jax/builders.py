@@ -291,8 +291,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
 
   checkpointer = None
   if (workdir / "checkpoints").exists():
-    checkpointer = ts.Checkpointer(workdir, config.ckpt.keep)
-  latest = checkpointer.latest_step() if checkpointer else None
+    checkpointer = ts.Checkpointer(workdir, config.ckpt.keep, read_only=not write_config)
 
   mixture = None
   if config.teacher.source == "toy":
@@ -326,14 +325,15 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
   init_key = jax.random.key(config.seed)
   abstract = jax.eval_shape(fresh_state, jax.eval_shape(init_params, init_key))
   state_shardings = parallel.param_shardings(mesh, abstract)
-  meta = {}
-  if latest is not None:
+  state, meta = None, {}
+  if checkpointer is not None:  # the newest intact checkpoint; damaged newer ones set aside
     try:
-      state, meta = checkpointer.restore(ts.abstract_like(abstract, state_shardings), latest)
+      restored = checkpointer.restore_latest_intact(ts.abstract_like(abstract, state_shardings),
+                                                    move_damaged=write_config)
     except ts.CheckpointError as e:
       raise SetupError(str(e)) from e
-  else:
-    state = None
+    if restored is not None:
+      state, meta, _ = restored
   dataset = dataset_factory(meta.get("data"))
 
   replicated = parallel.replicated(mesh)

@@ -11,7 +11,6 @@ Reading order for a newcomer:
 """
 
 import json
-import pathlib
 import resource
 import time
 from typing import Any, Dict
@@ -21,41 +20,13 @@ import ml_collections
 import numpy as np
 
 from uni_instruct_jax import builders
+from uni_instruct_jax import metrics_log
 from uni_instruct_jax import parallel
+from uni_instruct_jax import paths
 from uni_instruct_jax import train_state as ts
-from uni_instruct_jax.builders import SetupError  # pylint: disable=unused-import  # API
+from uni_instruct_jax import workdir_lock
+from uni_instruct_jax.builders import SetupError
 from uni_instruct_jax.evaluation import run as eval_run
-
-
-class MetricsLog:
-  """W/metrics.jsonl (one JSON record per tick) and TensorBoard (process 0 only)."""
-
-  def __init__(self, workdir: pathlib.Path, resume_step: int):
-    self.path = workdir / "metrics.jsonl"
-    self.enabled = jax.process_index() == 0
-    self.writer = None
-    if not self.enabled:
-      return
-    if self.path.exists():  # drop records written after the checkpoint we resume from
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(str(workdir / "tensorboard"))
-
-  def write(self, record: Dict[str, Any]) -> None:
-    if not self.enabled:
-      return
-    with self.path.open("a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
-    for k, v in record.items():
-      if isinstance(v, (int, float)) and k not in ("step", "tick"):
-        self.writer.add_scalar(k, v, record["step"])
-    self.writer.flush()
-
-  def close(self) -> None:
-    if self.writer is not None:
-      self.writer.close()
 
 
 def _memory_gb() -> float:
@@ -92,8 +63,31 @@ def _checkpoint_meta(run: builders.Run, step: int, extra: Dict[str, Any]) -> Dic
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   """Runs (or resumes) a distillation run in `workdir`; returns the summary dict.
 
-  Raises SetupError on bad input before any compute. Rerunning a finished run changes nothing.
+  Raises SetupError on bad input before any compute, when another run holds the workdir
+  (workdir_lock), and on a failed write (disk full, read-only; the checkpoints written before
+  stay intact). Rerunning a finished run changes nothing.
   """
+  path = paths.workdir_path(workdir)
+  created = not path.exists()
+  lock = None
+  try:
+    if jax.process_index() == 0 and (created or path.is_dir()):
+      paths.makedirs(path)
+      lock = workdir_lock.WorkdirLock(path).acquire()
+    return _train(config, workdir)
+  except (OSError, ts.CheckpointError) as e:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    raise SetupError(f"{text} (workdir {workdir}; the checkpoints written before are "
+                     "intact)") from e
+  finally:
+    if lock is not None:
+      lock.release()
+    if created and path.is_dir() and not any(path.iterdir()):  # failed before writing anything
+      path.rmdir()
+
+
+def _train(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
+  """train_and_evaluate without the lock and the error translation."""
   run = builders.setup(config, workdir)
   workdir = run.workdir
   start_step = int(run.meta.get("step", 0))
@@ -106,10 +100,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   extra = {k: run.meta[k] for k in ("init_metric",) if k in run.meta}
   if run.mixture is not None and "init_metric" not in extra:
     extra["init_metric"] = _toy_metrics(run)["student_metric"]  # EMA == generator at step 0
-  if start_step == 0:
+  if not run.meta:  # a fresh run (a rerun after a kill before this save is one too)
     eval_run.write_snapshot(run, "fakes_init.png")
     run.checkpointer.save(0, run.state, _checkpoint_meta(run, 0, extra))
-  log = MetricsLog(workdir, start_step)
+  log = metrics_log.MetricsLog(workdir, start_step, fresh=not run.meta)
   batch = config.training.batch_size
   total_kimg = run.total_steps * batch / 1000
   print(f"training {run.total_steps} steps ({total_kimg:.1f} kimg) from step {start_step} in "

@@ -6,7 +6,9 @@ the images seen and the base RNG key (raw uint32 key data, so it checkpoints lik
 """
 
 import hashlib
+import json
 import pathlib
+import time
 from typing import Any, Dict, Optional, Tuple
 
 import flax
@@ -15,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+
+from uni_instruct_jax import paths
 
 
 @flax.struct.dataclass
@@ -85,44 +89,185 @@ def params_sha256(params: Any) -> str:
 
 
 class CheckpointError(ValueError):
-  """A checkpoint directory exists but cannot be restored."""
+  """A checkpoint directory exists but cannot be restored (or a save cannot be written)."""
+
+
+def _host_array(x: Any) -> np.ndarray:
+  """The full value of a leaf on this host: the local copy when this process holds every element
+  (fully addressable or replicated over the processes), else gathered from all processes (a
+  collective: every process must call it)."""
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    if x.is_fully_replicated:
+      return np.asarray(x.addressable_data(0))
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+  return np.asarray(x)
+
+
+def tree_digest(tree: Any) -> Dict[str, str]:
+  """{key path: sha256 hex of the leaf's dtype, shape and C-order bytes} of a pytree.
+
+  The digest is of each array's full value, independent of how it is sharded: a checkpoint saved
+  on one mesh verifies after a restore onto another. Leaves sharded over several processes are
+  gathered first (every process computes the same digests; only the values are hashed, so the
+  cost is one pass over the state per save and per restore).
+  """
+  digests = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    arr = np.ascontiguousarray(_host_array(leaf))
+    digest = hashlib.sha256(f"{arr.dtype.str}{arr.shape}".encode())
+    digest.update(arr.tobytes())
+    digests[jax.tree_util.keystr(path)] = digest.hexdigest()
+  return digests
+
+
+FILE_DIGESTS = "file_digests.json"
+
+
+def file_digests(step_dir: Any) -> Dict[str, str]:
+  """{relative path: sha256 hex} of every file under a saved step directory (local or gs://),
+  except the FILE_DIGESTS record itself."""
+  step_dir = paths.workdir_path(step_dir)
+  digests, todo = {}, [step_dir]
+  while todo:  # epath has no recursive glob on object stores: walk the listing
+    for path in todo.pop().iterdir():
+      if path.is_dir():
+        todo.append(path)
+      elif path.name != FILE_DIGESTS:
+        digest = hashlib.sha256()
+        with path.open("rb") as f:
+          for chunk in iter(lambda: f.read(1 << 22), b""):  # pylint: disable=cell-var-from-loop
+            digest.update(chunk)
+        digests[str(path.relative_to(step_dir))] = digest.hexdigest()
+  return dict(sorted(digests.items()))
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return text.splitlines()[0][:300] if text else type(e).__name__
 
 
 class Checkpointer:
-  """Orbax CheckpointManager of {'state': TrainState, 'meta': JSON dict} under W/<name>.
+  """Orbax CheckpointManager of {'state': TrainState, 'meta': JSON dict, 'digest': JSON dict}
+  under W/<name>.
 
-  Saves are atomic (orbax writes to a temporary dir and renames) and the last `keep` steps are kept.
-  W/checkpoints holds the latest steps; W/checkpoints-best the best-FID one (keep=1).
+  Saves are atomic (orbax writes a temporary directory and renames it; a kill mid-save leaves
+  only that directory, which the next run deletes) and the last `keep` steps are kept.
+  'digest' holds `tree_digest(state)`, checked on every restore, so a changed byte in any array
+  is refused instead of restored; after the save, process 0 also records the sha256 of every file
+  of the step in `<step>/file_digests.json` (checked before a restore: a flip in any byte, even
+  one the restore would not read, refuses the step). W/checkpoints holds the latest steps;
+  W/checkpoints-best the best-FID one (keep=1).
   """
 
-  def __init__(self, workdir: pathlib.Path, keep: int, name: str = "checkpoints"):
+  def __init__(self, workdir: pathlib.Path, keep: int, name: str = "checkpoints",
+               read_only: bool = False):
     self.directory = pathlib.Path(workdir).resolve() / name
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,
+                                             read_only=read_only,
+                                             cleanup_tmp_directories=not read_only,
                                              enable_async_checkpointing=False))
 
   def latest_step(self) -> Optional[int]:
     return self.manager.latest_step()
 
   def save(self, step: int, state: TrainState, meta: Dict[str, Any]) -> None:
-    """Writes step `step` (blocking, so a kill after return never loses it)."""
-    self.manager.save(step, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
-    self.manager.wait_until_finished()
+    """Writes step `step` (blocking, so a kill after return never loses it). A step already on
+    disk is kept as it is (the state of a step is deterministic), so a rerun never fails on it.
+    CheckpointError (one line) when the directory cannot be written (disk full, read-only)."""
+    if step in self.manager.all_steps():
+      return
+    try:
+      self.manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta),
+          digest=ocp.args.JsonSave(tree_digest(state))), force=True)
+      self.manager.wait_until_finished()
+      if jax.process_index() == 0:  # after orbax's final barrier: every process's files exist
+        step_dir = paths.workdir_path(self.directory) / str(step)
+        paths.write_text(step_dir / FILE_DIGESTS, json.dumps(file_digests(step_dir), indent=1))
+    except (OSError, ValueError, RuntimeError) as e:  # tensorstore reports I/O errors as these
+      raise CheckpointError(f"cannot write checkpoint step {step} in {self.directory}: "
+                            f"{_first_line(e)}") from e
 
   def restore(self, abstract_state: TrainState, step: Optional[int] = None
               ) -> Tuple[TrainState, Dict[str, Any]]:
-    """Restores (state placed like `abstract_state`'s shardings, meta) of `step` or the latest."""
+    """Restores (state placed like `abstract_state`'s shardings, meta) of `step` or the latest,
+    verifying every array against the saved digest (CheckpointError on any difference)."""
     step = self.latest_step() if step is None else step
+    self._check_files(step)
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore(),
+          digest=ocp.args.JsonRestore()))
+      saved, state = restored["digest"], restored["state"]
+      if not isinstance(saved, dict) or not isinstance(restored["meta"], dict):
+        raise ValueError("digest or meta is not a JSON object")
     except Exception as e:  # orbax raises many types for unreadable or mismatched trees
-      first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
       raise CheckpointError(f"cannot restore checkpoint step {step} in {self.directory}: "
-                            f"{first}") from e
-    return restored["state"], restored["meta"]
+                            f"{_first_line(e)}") from e
+    actual = tree_digest(state)
+    bad = sorted(k for k in set(saved) | set(actual) if saved.get(k) != actual.get(k))
+    if bad:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory}: {len(bad)} array(s) "
+                            f"differ from the saved digest (first: {bad[0]})")
+    return state, restored["meta"]
+
+  def _check_files(self, step: int) -> None:
+    """CheckpointError unless every file of `step` has the sha256 recorded after its save. A
+    step without the record (a kill between orbax's commit and that write) is checked by the
+    array digests alone."""
+    step_dir = paths.workdir_path(self.directory) / str(step)
+    record = step_dir / FILE_DIGESTS
+    if not record.exists():
+      return
+    try:
+      saved = json.loads(record.read_text())
+      actual = file_digests(step_dir)
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"cannot verify checkpoint step {step} in {self.directory}: "
+                            f"{_first_line(e)}") from e
+    bad = sorted(k for k in saved if saved[k] != actual.get(k)) if isinstance(saved, dict) else [
+        FILE_DIGESTS]
+    if bad:
+      raise CheckpointError(f"checkpoint step {step} in {self.directory}: {len(bad)} file(s) "
+                            f"missing or changed since the save (first: {bad[0]})")
+
+  def restore_latest_intact(self, abstract_state: TrainState, move_damaged: bool = True
+                            ) -> Optional[Tuple[TrainState, Dict[str, Any], int]]:
+    """(state, meta, step) of the newest checkpoint that restores and verifies; None when there
+    is no checkpoint. A damaged newer one is reported on one line and, when `move_damaged`
+    (process 0 of a writing run), renamed to `<step>.corrupt-<UTC time>` (kept for inspection;
+    orbax no longer lists it). CheckpointError when every checkpoint is damaged."""
+    damaged = []
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      try:
+        state, meta = self.restore(abstract_state, step)
+      except CheckpointError as e:
+        damaged.append((step, str(e)))
+        continue
+      self._report_damaged(damaged, move_damaged, f"resuming from step {step}")
+      return state, meta, step
+    if damaged:
+      self._report_damaged(damaged, move_damaged, "no intact checkpoint left")
+      steps = ", ".join(str(s) for s, _ in damaged)
+      raise CheckpointError(f"no intact checkpoint in {self.directory} (damaged steps {steps}: "
+                            f"{damaged[0][1]})")
+    return None
+
+  def _report_damaged(self, damaged, move: bool, outcome: str) -> None:
+    for step, reason in damaged:
+      where = "left in place"
+      if move and jax.process_index() == 0:
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        target = self.directory / f"{step}.corrupt-{stamp}"
+        (self.directory / str(step)).rename(target)
+        where = f"moved to {target.name}"
+      if jax.process_index() == 0:
+        print(f"warning: {reason}; {where}; {outcome}", flush=True)
+    if damaged and move:
+      self.manager.reload()
 
   def close(self) -> None:
     self.manager.close()
