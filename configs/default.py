@@ -206,6 +206,8 @@ SCHEMA = {
     "sample.num_samples": F(64, "images written by --mode=sample", _COUNT),
     "sample.seed": F(0, "sampling seed", "[0, 4294967295]"),
     "sample.batch_size": F(256, "images per sampling batch", _COUNT),
+    "sample.outdir": F("", "--mode=sample: write num_samples PNGs (one per seed from `seed`) in "
+                       "EDM generate.py's layout here, for EDM's fid.py ('': grid + .npz in W)"),
 }
 
 

@@ -39,7 +39,9 @@ def test_bench_cli_smoke_on_tiny():
                         env=dict(os.environ, JAX_PLATFORMS="cpu"), timeout=900)
   assert proc.returncode == 0, proc.stderr[-3000:]
   lines = proc.stdout.strip().splitlines()
+  assert len(lines) == 1, proc.stdout  # stdout is the JSON line; progress goes to stderr
   record = json.loads(lines[-1])
+  assert "bench: compiling" in proc.stderr and "bench: 12/12 calls (100.0%)" in proc.stderr
   for key in ("sec_per_kimg", "images_per_sec", "sample_images_per_sec", "step_ms",
               "peak_memory_gb", "compute_dtype", "batch", "params_m", "devices", "device_kind",
               "flops_per_image", "mfu"):

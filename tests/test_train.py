@@ -12,6 +12,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import PIL.Image
 import pytest
 
 from conftest import shared_path
@@ -310,6 +311,17 @@ def test_tiny_run_on_shared_jpeg_zip(tmp_path):
   samples = np.load(tmp_path / "samples-00000004.npz")["samples"]
   assert samples.shape == (4, 8, 8, 3) and np.isfinite(samples).all()
   assert (tmp_path / "samples-00000004.png").stat().st_size > 0
+  # --config.sample.outdir: one PNG per seed in EDM generate.py's layout, labels in dataset.json.
+  folder = tmp_path / "fid"
+  proc = run_main(*args, "--mode=sample", f"--config.sample.outdir={folder}",
+                  "--config.sample.num_samples=5", "--config.sample.batch_size=4")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  labels = json.loads((folder / "dataset.json").read_text())["labels"]
+  assert [name for name, _ in labels] == [f"000000/{i:06d}.png" for i in range(5)]
+  assert all(0 <= c < 10 for _, c in labels) and "sample: 5/5 images" in proc.stderr
+  assert np.asarray(PIL.Image.open(folder / "000000" / "000004.png")).shape == (8, 8, 3)
+  proc = run_main(*args, "--mode=sample", f"--config.sample.outdir={folder}")
+  assert proc.returncode == 2 and "not an empty directory" in proc.stderr.splitlines()[-1]
 
   # --mode=ref, then --mode=eval, with the ResNet56 proxy (labelled as not-FID everywhere).
   proxy = ["--config.eval.detector=proxy",
@@ -318,7 +330,7 @@ def test_tiny_run_on_shared_jpeg_zip(tmp_path):
   proc = run_main(*args, "--mode=ref", *proxy, "--config.data.max_size=512")
   assert proc.returncode == 0, proc.stderr[-3000:]
   ref = tmp_path / "proxy_resnet56-ref.npz"
-  assert ref.is_file()
+  assert ref.is_file() and "ref: 512/512 images" in proc.stderr
   proc = run_main(*args, "--mode=eval", *proxy, f"--config.eval.ref={ref}",
                   "--config.eval.num_samples=256")
   assert proc.returncode == 0, proc.stderr[-3000:]
@@ -328,6 +340,7 @@ def test_tiny_run_on_shared_jpeg_zip(tmp_path):
     assert key in result, key
   assert result["fid"] is None and result["proxy_fd_resnet56"] > 0
   assert result["num_samples"] == 256 and result["detector"] == "proxy_resnet56"
+  assert "eval: 256/256 images" in proc.stderr
   last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
   assert last["proxy_fd_resnet56"] == result["proxy_fd_resnet56"]
   # Without the Inception weights the FID evaluation stops with one line saying where to get them.

@@ -16,6 +16,7 @@ every function, then times `--steps` calls of each and prints one JSON line:
   mfu                            achieved FLOP/s over PEAK_FLOPS[device_kind] (null if unknown).
 
 Timings exclude compilation and warm-up; every call is synchronised with block_until_ready.
+Progress (calls done / total, rate, ETA) goes to stderr; stdout holds only the JSON line.
 The generator update is timed in the phase past the warm-up and SiD-only ones (images_seen set
 beyond loss.sid_kimg; steps.phase_at), so that it runs the configured divergence + GAN loss.
 """
@@ -37,6 +38,7 @@ from ml_collections import config_flags
 from uni_instruct_jax import builders
 from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import parallel
+from uni_instruct_jax import progress
 from uni_instruct_jax import steps as steps_lib
 from uni_instruct_jax import train_state as ts
 
@@ -74,13 +76,14 @@ def peak_flops(device_kind: str, dtype: str) -> Optional[float]:
   return None
 
 
-def _time(fn: Callable[[], Any], steps: int) -> float:
-  """Median seconds of `steps` synchronised calls of fn()."""
+def _time(fn: Callable[[], Any], steps: int, report: progress.Progress) -> float:
+  """Median seconds of `steps` synchronised calls of fn(); `report` counts each call."""
   times = []
   for _ in range(steps):
     start = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
+    report.advance()
   return float(np.median(times))
 
 
@@ -140,6 +143,8 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
   jitted = {name: jax.jit(fn, in_shardings=shardings, out_shardings=(state_shardings, replicated),
                           donate_argnums=(0,))
             for name, fn in step_fns.items()}
+  print(f"bench: compiling {len(jitted)} step programs and the sampler", file=sys.stderr,
+        flush=True)
   compiled = {name: fn.lower(state, data, frozen).compile() for name, fn in jitted.items()}
 
   holder = {"state": state}
@@ -155,13 +160,16 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
   sampler = jax.jit(generate).lower(state.ema_params, jax.random.key(0)).compile()
 
   seconds = {}
+  report = progress.Progress("bench", (len(compiled) + 1) * (warmup + steps), unit="calls")
   for name in compiled:
     for _ in range(warmup):
       jax.block_until_ready(call(name))
-    seconds[name] = _time(lambda name=name: call(name), steps)
+      report.advance()
+    seconds[name] = _time(lambda name=name: call(name), steps, report)
   for _ in range(warmup):
     jax.block_until_ready(sampler(holder["state"].ema_params, jax.random.key(0)))
-  sample_s = _time(lambda: sampler(holder["state"].ema_params, jax.random.key(0)), steps)
+    report.advance()
+  sample_s = _time(lambda: sampler(holder["state"].ema_params, jax.random.key(0)), steps, report)
 
   iteration = seconds["train_step"]
   params_m = sum(x.size for x in jax.tree.leaves(holder["state"].gen_params)) / 1e6

@@ -12,6 +12,7 @@ import pathlib
 from typing import Any, Dict, List, Tuple
 
 import jax
+import numpy as np
 
 from uni_instruct_jax import paths
 
@@ -93,7 +94,17 @@ class MetricsLog:
     paths.append_text(self.path, json.dumps(record, sort_keys=True) + "\n")
     for k, v in record.items():
       if isinstance(v, (int, float)) and k not in ("step", "tick"):
-        self.writer.add_scalar(k, v, record["step"])
+        self.writer.add_scalar(k, v, int(record["kimg"]))  # EDM's habit: steps are kimg
+    self.writer.flush()
+
+  def image(self, tag: str, png: pathlib.Path, kimg: float) -> None:
+    """Logs a snapshot PNG to TensorBoard at step int(kimg)."""
+    if not self.enabled:
+      return
+    import PIL.Image  # pylint: disable=g-import-not-at-top
+    with paths.open_file(png, "rb") as f, PIL.Image.open(f) as image:
+      pixels = np.asarray(image.convert("RGB"))
+    self.writer.add_image(tag, pixels, int(kimg), dataformats="HWC")
     self.writer.flush()
 
   def close(self) -> None:

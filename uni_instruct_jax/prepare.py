@@ -21,8 +21,6 @@ import concurrent.futures
 import json
 import os
 import pathlib
-import sys
-import time
 import zipfile
 from typing import Any, Callable, Dict, Optional
 
@@ -34,6 +32,7 @@ import numpy as np
 from uni_instruct_jax import cli
 from uni_instruct_jax import data
 from uni_instruct_jax import image_folder
+from uni_instruct_jax import progress as progress_lib
 
 
 class PrepareError(ValueError):
@@ -127,22 +126,6 @@ def data_config_for(source: str, resolution: int = 0, center_crop: bool = False,
   return config
 
 
-def _print_progress() -> Callable[[int, int], None]:
-  """A progress callback printing 'done/total images, rate, ETA' to stderr every ~10 s."""
-  start = time.time()
-  last = [start]
-
-  def report(done: int, total: int) -> None:
-    now = time.time()
-    if now - last[0] < 10 and done < total:
-      return
-    last[0] = now
-    rate = done / max(now - start, 1e-9)
-    print(f'prepare: {done}/{total} images, {rate:.0f} images/s, ETA '
-          f'{(total - done) / max(rate, 1e-9):.0f} s', file=sys.stderr, flush=True)
-  return report
-
-
 if __name__ == '__main__':
   # Flags are defined here, not at import, so that importing this module adds no global flags.
   _SOURCE = flags.DEFINE_string('source', None, "'tfds:NAME[:SPLIT]' (e.g. tfds:cifar10, "
@@ -167,7 +150,7 @@ if __name__ == '__main__':
       config = data_config_for(_SOURCE.value, _RESOLUTION.value, _CENTER_CROP.value,
                                _RESIZE.value, _LABELS.value, _MAX_SIZE.value, _TFDS_DATA_DIR.value)
       summary = prepare_dataset(config, _OUT.value, overwrite=_OVERWRITE.value,
-                                progress=_print_progress())
+                                progress=progress_lib.Progress('prepare'))
     except (PrepareError, data.DataError) as e:
       hint = ' (--nolabels writes none)' if 'use_labels' in str(e) else ''
       cli.fail(f'{e}{hint}')

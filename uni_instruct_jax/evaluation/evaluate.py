@@ -134,7 +134,8 @@ class _Reservoir:
 
 def compute_statistics(detector: Detector, batches: Batches, num_samples: Optional[int] = None,
                        *, keep_features: int = 10_000, allow_rank_deficient: bool = False,
-                       seed: int = 0, log_every_s: float = 10.0) -> fid_lib.FeatureStatistics:
+                       seed: int = 0, progress: Optional[Callable[[int, Optional[int]], Any]] = None
+                       ) -> fid_lib.FeatureStatistics:
   """Runs `detector` over uint8 NHWC batches; float64 mu/sigma (unbiased) on the host.
 
   batches: an iterable of this process's [n, H, W, C] uint8 arrays, or a no-argument callable
@@ -143,12 +144,12 @@ def compute_statistics(detector: Detector, batches: Batches, num_samples: Option
   keep_features: size of the uniform random feature subset kept for KID / precision-recall.
   Returns FeatureStatistics with `logits` (no fc bias, all samples; Inception only), `features`
   (the subset) and metadata (detector, resize_mode, resolution).
-  Logs progress (images, images/s) every `log_every_s` seconds.
+  progress: called as progress(images done, num_samples) after every batch (progress.Progress).
   """
   running = fid_lib.RunningStatistics(detector.feature_dim)
   reservoir = _Reservoir(keep_features, seed)
   logits, resolution = [], None
-  start = last_log = time.time()
+  start = time.time()
   for batch in (batches() if callable(batches) else batches):
     if num_samples is not None and running.count >= num_samples:
       break
@@ -165,12 +166,8 @@ def compute_statistics(detector: Detector, batches: Batches, num_samples: Option
     reservoir.add(feats)
     if lg is not None:
       logits.append(lg)
-    now = time.time()
-    if now - last_log >= log_every_s:
-      last_log = now
-      total = "" if num_samples is None else f"/{num_samples}"
-      logging.info("%s: %d%s images, %.1f images/s", detector.metric, running.count, total,
-                   running.count / (now - start))
+    if progress is not None:
+      progress(running.count, num_samples)
   if num_samples is not None and running.count < num_samples:
     raise fid_lib.StatisticsError(
         f"the batches yielded only {running.count} of the {num_samples} requested images")
@@ -209,17 +206,19 @@ def check_reference(detector: Detector, ref: fid_lib.FeatureStatistics, ref_path
 
 def evaluate(detector: Detector, sample_batches: Batches, num_samples: int, ref_path, *,
              allow_rank_deficient: bool = False, keep_features: int = 10_000,
-             kid_subsets: int = 100, seed: int = 0) -> dict:
+             kid_subsets: int = 100, seed: int = 0, progress=None) -> dict:
   """Statistics of `num_samples` generated images vs the reference `.npz` -> result dict.
 
   See the module docstring for the keys. Raises StatisticsError for a mismatched reference
   (feature dimension, detector, resize mode, resolution) or too few samples (N <= D unless
   `allow_rank_deficient`). KID uses `kid_subsets` subsets of min(1000, N) samples (StyleGAN: 100).
+  progress: as in `compute_statistics`.
   """
   ref = fid_lib.load_statistics(ref_path)
   check_reference(detector, ref, ref_path)
   gen = compute_statistics(detector, sample_batches, num_samples, keep_features=keep_features,
-                           allow_rank_deficient=allow_rank_deficient, seed=seed)
+                           allow_rank_deficient=allow_rank_deficient, seed=seed,
+                           progress=progress)
   check_reference(detector, ref, ref_path, gen.metadata["resolution"])
   distance = fid_lib.frechet_distance(gen.mu, gen.sigma, ref.mu, ref.sigma)
   result = {"fid": None, "is_mean": None, "is_std": None, "kid": None, "precision": None,
@@ -241,8 +240,9 @@ def evaluate(detector: Detector, sample_batches: Batches, num_samples: int, ref_
 
 def make_reference(detector: Detector, batches: Batches, out_path, num_samples=None, *,
                    keep_features: int = 10_000, allow_rank_deficient: bool = False,
-                   seed: int = 0) -> fid_lib.FeatureStatistics:
+                   seed: int = 0, progress=None) -> fid_lib.FeatureStatistics:
   """`--mode=ref`: statistics of a dataset's images -> `.npz` (mu, sigma, metadata, features).
+  progress: as in `compute_statistics`.
 
   Proxy references may not carry 'fid' in their file name (they are not FID statistics).
   """
@@ -251,7 +251,8 @@ def make_reference(detector: Detector, batches: Batches, out_path, num_samples=N
     raise ValueError(f"{out_path.name}: proxy ({proxy.METRIC_NAME}) statistics are not FID "
                      "statistics; choose a file name without 'fid' (e.g. cifar10-proxy_resnet56.npz)")
   stats = compute_statistics(detector, batches, num_samples, keep_features=keep_features,
-                             allow_rank_deficient=allow_rank_deficient, seed=seed)
+                             allow_rank_deficient=allow_rank_deficient, seed=seed,
+                             progress=progress)
   if jax.process_index() == 0:
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fid_lib.save_statistics(out_path, stats)

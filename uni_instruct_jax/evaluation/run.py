@@ -1,5 +1,6 @@
 """Sampling and evaluation of a run: EMA snapshots, --mode=sample, --mode=eval, --mode=ref, and
-FID of the EMA generator during training (best state kept in W/checkpoints-best)."""
+FID of the EMA generator during training (best state kept in W/checkpoints-best). Long jobs print
+progress lines on stderr (process 0; `progress.Progress`)."""
 
 import json
 import pathlib
@@ -11,8 +12,10 @@ import ml_collections
 import numpy as np
 
 from uni_instruct_jax import builders
+from uni_instruct_jax import image_folder
 from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import parallel
+from uni_instruct_jax import progress as progress_lib
 from uni_instruct_jax import sampling
 from uni_instruct_jax import train_state as ts
 from uni_instruct_jax.evaluation import evaluate as ev
@@ -25,6 +28,11 @@ def _jitted(run: builders.Run, name: str, fn: Callable) -> Callable:
   if name not in run.jit_cache:
     run.jit_cache[name] = jax.jit(fn)
   return run.jit_cache[name]
+
+
+def _progress(label: str, total: int = 0) -> Optional[progress_lib.Progress]:
+  """A stderr progress callback on process 0, None on the others."""
+  return progress_lib.Progress(label, total) if jax.process_index() == 0 else None
 
 
 def sample_ema(run: builders.Run, num: int, seed: int) -> np.ndarray:
@@ -56,13 +64,46 @@ def write_snapshot(run: builders.Run, name: str) -> pathlib.Path:
   return path
 
 
+def write_sample_folder(run: builders.Run, out_dir: str) -> pathlib.Path:
+  """EMA-generator images of seeds sample.seed ... sample.seed + sample.num_samples - 1 as an EDM
+  generate.py folder (image_folder: OUT/000000/000000.png ..., labels in OUT/dataset.json), which
+  EDM's fid.py reads. Process 0 generates and writes alone (all processes gather the parameters).
+  Raises SetupError for an unusable `out_dir` (it must be new or empty)."""
+  cfg = run.config.sample
+  params, buffers = run.state.ema_params, run.frozen["buffers"]
+  if jax.process_count() > 1:  # process 0's jit below must not need the other hosts' shards
+    params, buffers = parallel.to_host((params, buffers))
+  if jax.process_index() != 0:
+    return pathlib.Path(out_dir)
+  gen = _jitted(run, "generate_uint8", lambda p, b, z, l: sampling.to_uint8(nets_lib.generate(
+      run.nets, p, b, z, l, run.config.training.sigma_init)))
+  try:
+    return image_folder.write_generated_folder(
+        lambda z, l: np.asarray(gen(params, buffers, z, l)),  # local: no collective
+        seeds=range(cfg.seed, cfg.seed + cfg.num_samples), shape=run.nets.data_shape,
+        label_dim=run.nets.label_dim, out_dir=out_dir, batch_size=cfg.batch_size,
+        progress=_progress("sample"))
+  except image_folder.ImageFolderError as e:
+    raise builders.SetupError(f"--config.sample.outdir: {e}") from e
+
+
 def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
-  """--mode=sample: EMA generator samples of the latest checkpoint of `workdir` as a PNG
-  (grid, or toy scatter) plus an .npz of config.sample.num_samples raw samples."""
+  """--mode=sample: EMA generator samples of the latest checkpoint of `workdir`: with
+  config.sample.outdir, config.sample.num_samples PNGs in EDM's generate.py layout there
+  (`write_sample_folder`); otherwise a PNG (grid, or toy scatter) plus an .npz of the raw samples
+  in the workdir."""
   if not (pathlib.Path(workdir) / "checkpoints").exists():
     raise builders.SetupError(f"no checkpoints in --workdir {workdir}; train first")
+  if config.sample.outdir and config.data.source == "toy":
+    raise builders.SetupError("--config.sample.outdir writes images; the toy's samples are 2-D "
+                              "points (leave it empty for the .npz and scatter plot)")
   run = builders.setup(config, workdir, write_config=False)
   step = int(run.meta.get("step", 0))
+  if config.sample.outdir:
+    out = write_sample_folder(run, config.sample.outdir)
+    run.checkpointer.close()
+    print(f"wrote {config.sample.num_samples} images of step {step} to {out}", flush=True)
+    return out
   samples = sample_ema(run, config.sample.num_samples, config.sample.seed)
   out = run.workdir / f"samples-{step:08d}.npz"
   np.savez(out, samples=samples, step=step)
@@ -118,7 +159,8 @@ def _folder_batches(config, path: str = ""):
 def _fid_of(run: builders.Run, detector, params: Any) -> Dict[str, Any]:
   cfg = run.config.eval
   return ev.evaluate(detector, _generator_batches(run, params, cfg.num_samples, cfg.batch_size,
-                                                  cfg.seed), cfg.num_samples, cfg.ref)
+                                                  cfg.seed), cfg.num_samples, cfg.ref,
+                     progress=_progress("eval"))
 
 
 def evaluate_during_training(run: builders.Run, step: int, best: Optional[float]) -> float:
@@ -150,7 +192,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   if cfg.images:
     dataset, batches = _folder_batches(config, cfg.images)
     num = min(cfg.num_samples, dataset.num_examples)
-    result = ev.evaluate(detector, batches, num, cfg.ref)
+    result = ev.evaluate(detector, batches, num, cfg.ref, progress=_progress("eval"))
     result["source"] = str(cfg.images)
     ev.write_eval_json(workdir, 0, result)
     return result
@@ -161,7 +203,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   kimg = int(run.meta.get("step", 0)) * config.training.batch_size // 1000
   if cfg.teacher_steps:
     batches = _teacher_batches(run, cfg.num_samples, cfg.batch_size, cfg.seed, cfg.teacher_steps)
-    result = ev.evaluate(detector, batches, cfg.num_samples, cfg.ref)
+    result = ev.evaluate(detector, batches, cfg.num_samples, cfg.ref, progress=_progress("eval"))
     result.update(source="teacher", nfe=sampling.nfe(cfg.teacher_steps))
   else:
     result = _fid_of(run, detector, run.state.ema_params)
@@ -176,10 +218,10 @@ def make_reference(config: ml_collections.ConfigDict, workdir: str) -> pathlib.P
   """--mode=ref: reference statistics of config.data's images (or eval.images) as
   W/<detector>-ref.npz (mu, sigma, metadata, a feature subset for KID/precision/recall)."""
   detector = builders.load_detector(config, parallel.make_mesh())
-  _, batches = _folder_batches(config, config.eval.images)
+  dataset, batches = _folder_batches(config, config.eval.images)
   out = pathlib.Path(workdir) / f"{detector.name}-ref.npz"
   try:
-    ev.make_reference(detector, batches, out)
+    ev.make_reference(detector, batches, out, progress=_progress("ref", dataset.num_examples))
   except ValueError as e:
     raise builders.SetupError(str(e)) from e
   print(f"wrote {out}", flush=True)
