@@ -80,6 +80,9 @@ SCHEMA = {
     "network.dtype": F("float32", "compute dtype (params stay float32)", ("float32", "bfloat16")),
     "network.attn_implementation": F("", "jax.nn.dot_product_attention implementation ('': XLA)",
                                      ("", "xla", "cudnn")),
+    "network.remat": F("", "UNet block rematerialisation: '' off, 'block' recompute each block in "
+                       "the backward pass, 'block_save_convs' keep its conv outputs "
+                       "(docs/performance.md)", ("", "block", "block_save_convs")),
     "network.kwargs.img_resolution": F(32, "image side in pixels", "[1, 4096]"),
     "network.kwargs.img_channels": F(3, "image channels", "[1, 64]"),
     "network.kwargs.label_dim": F(0, "number of classes (0: unconditional)", "[0, 100000]"),

@@ -1,5 +1,5 @@
-"""uni_instruct_jax.bench: the CLI's JSON record (CPU smoke on configs/tiny.py), the peak-FLOP/s
-table, and bf16 compute leaving the tiny config's loss curve unchanged."""
+"""uni_instruct_jax.bench: the CLI's JSON record (CPU smoke on configs/tiny.py, FLOP accounting),
+the peak-FLOP/s table, and bf16 compute leaving the tiny config's loss curve unchanged."""
 
 import json
 import os
@@ -44,7 +44,8 @@ def test_bench_cli_smoke_on_tiny():
   assert "bench: compiling" in proc.stderr and "bench: 12/12 calls (100.0%)" in proc.stderr
   for key in ("sec_per_kimg", "images_per_sec", "sample_images_per_sec", "step_ms",
               "peak_memory_gb", "compute_dtype", "batch", "params_m", "devices", "device_kind",
-              "flops_per_image", "mfu"):
+              "flops_per_image", "mfu", "compiled_memory_gb", "flops_ratio",
+              "analytic_fwd_equivalents", "xla_flops_ratio"):
     assert key in record, key
   assert record["batch"] == 8 and record["devices"] == 1 and record["device_kind"] == "cpu"
   assert record["compute_dtype"] == "float32" and record["mfu"] is None
@@ -57,7 +58,11 @@ def test_bench_cli_smoke_on_tiny():
   gen_params, _ = init_params(None)
   assert record["params_m"] == pytest.approx(
       sum(x.size for x in jax.tree.leaves(gen_params)) / 1e6)
-  assert record["flops_per_image"] > 0
+  assert record["flops_per_image"] > 0 and record["compiled_memory_gb"] > 0
+  # Every pass the iteration runs is in the accounting (docs/performance.md); the tiny config's
+  # non-network work (losses, Adam, EMA) is ~5 % of its FLOPs.
+  assert 11 < record["analytic_fwd_equivalents"] < 14
+  assert 0.95 < record["xla_flops_ratio"] < 1.08
   assert record["peak_memory_gb"] is None or record["peak_memory_gb"] > 0
 
 

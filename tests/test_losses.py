@@ -419,3 +419,62 @@ def test_uni_instruct_preset_is_the_exact_loss_over_sigma_normalizer_plus_gan():
   bce = jnp.mean(jax.nn.softplus(-jnp.clip(logits(x_t, sigma), -10, 10)), axis=(1, 2, 3))
   want = exact / losses.sigma_normalizer(sigma) + 1e-4 * 12 * bce / _w_f(x_g, d_q)
   np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------
+# One fake-score forward for both the denoiser and the discriminator logits
+
+
+@pytest.mark.parametrize("preset,divergence", [("uni_instruct_official", "jeffreys"),
+                                               ("uni_instruct", "forward_kl")])
+def test_fake_returns_logits_equals_a_separate_encoder_pass(preset, divergence):
+  """fake_fn returning (D_psi, logits of its own bottleneck) gives the loss and the x_g gradient
+  of the two-pass call (fake_fn + a separate encode logits_fn), GAN term on; nothing flows into
+  the fake net's parameters either way."""
+  from uni_instruct_jax.networks import build_network  # pylint: disable=g-import-not-at-top
+  net = build_network("EDMPrecond", dict(
+      img_resolution=4, img_channels=2, model_type="SongUNet", model_channels=8,
+      channel_mult=[1, 1], num_blocks=1, attn_resolutions=[], dropout=0.0))
+  k = jax.random.split(jax.random.key(3), 4)
+  x_g = jax.random.normal(k[0], (4, 4, 4, 2))
+  noise = jax.random.normal(k[1], x_g.shape)
+  sigma = jnp.array([0.05, 0.5, 2.0, 20.0])
+  params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(k[2], p.shape),
+                        net.init(k[3], x_g, sigma)["params"])
+  teacher = lambda x, s: net.apply({"params": jax.tree.map(lambda p: 0.9 * p, params)}, x, s)
+  opts = losses.method_options(preset, divergence, gan_weight=0.1)
+  assert opts["gan_weight"] != 0.0
+
+  def two_pass(p, x, o):
+    fake = lambda xt, s: net.apply({"params": p}, xt, s)
+    logits = lambda xt, s: losses.discriminator_logits(
+        net.apply({"params": p}, xt, s, method="encode"))
+    return losses.generator_loss(x, sigma, noise, teacher, fake, None, logits_fn=logits, **o)
+
+  def one_pass(p, x, o):
+    def fake(xt, s):
+      d, feats = net.apply({"params": p}, xt, s, return_features=True)
+      return d, losses.discriminator_logits(feats)
+    return losses.generator_loss(x, sigma, noise, teacher, fake, None, fake_returns_logits=True,
+                                 **o)
+
+  @jax.jit
+  def results(p, x):
+    out = {}
+    for name, fn, o in (("two", two_pass, opts), ("one", one_pass, opts),
+                        ("no_gan", one_pass, dict(opts, gan_weight=0.0))):
+      g_p, g_x = jax.grad(lambda p, x: fn(p, x, o).sum(), argnums=(0, 1))(p, x)
+      g_p_max = jnp.max(jnp.stack([jnp.abs(g).max() for g in jax.tree.leaves(g_p)]))
+      out[name] = (fn(p, x, o), g_x, g_p_max)
+    return out
+
+  out = results(params, x_g)
+  np.testing.assert_allclose(out["one"][0], out["two"][0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["one"][1], out["two"][1], rtol=1e-4, atol=1e-6)
+  assert float(out["one"][2]) == float(out["two"][2]) == 0.0  # fake params stopped
+  assert float(jnp.abs(out["one"][1]).max()) > 0
+  # The GAN term reaches x_g through x_t -> features -> logits: without it the gradient differs.
+  assert float(jnp.abs(out["no_gan"][1] - out["one"][1]).max()) > 1e-6
+  with pytest.raises(ValueError, match="not both"):
+    losses.generator_loss(x_g, sigma, noise, teacher, teacher, None, logits_fn=teacher,
+                          fake_returns_logits=True, **opts)

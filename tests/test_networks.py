@@ -476,3 +476,26 @@ def test_init_schemes_of_both_unets():
   bias = np.asarray(adm['enc_16x16_conv']['bias'])
   assert 0 < np.abs(bias).max() <= np.sqrt(3 / 27) * np.sqrt(1 / 3)
   np.testing.assert_allclose(np.asarray(adm['map_label']['kernel']).std(), 1.0, rtol=0.1)
+
+
+@pytest.mark.parametrize('name,remat', [('song', 'block'), ('adm', 'block_save_convs')])
+def test_remat_keeps_values_gradients_and_the_parameter_tree(name, remat):
+  """network.remat changes what the backward pass stores, not the parameter tree (checkpoints and
+  converted teachers stay loadable) nor the loss and its gradients."""
+  net, variables = tiny(name)
+  x, sigma, labels, aug = inputs(net.label_dim)
+
+  def loss(v, policy):
+    d = net.clone(remat=policy).apply(v, x, sigma, labels, aug)
+    return jnp.sum(jnp.square(d - x))
+
+  fresh = jax.eval_shape(net.clone(remat=remat).init, KEY, x, sigma, labels)
+  assert jax.tree.structure(fresh) == jax.tree.structure(variables)
+  assert jax.tree.map(lambda a: a.shape, fresh) == jax.tree.map(jnp.shape, variables)
+  ref, got = (jax.jit(jax.value_and_grad(functools.partial(loss, policy=p)))(variables)
+              for p in ('', remat))
+  np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+  for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * float(jnp.abs(r).max()))
+  with pytest.raises(ValueError, match='remat must be one of'):
+    net.clone(remat='everything').apply(variables, x, sigma, labels, aug)

@@ -1,24 +1,36 @@
-"""Speed benchmark of one distillation iteration (fake-score update + generator update).
+"""Speed, FLOP and memory benchmark of one distillation iteration (fake-score + generator update).
 
   python -m uni_instruct_jax.bench --config=configs/cifar10.py --batch=64 --compute_dtype=bfloat16
   python -m uni_instruct_jax.bench --config=configs/tiny.py --steps=3          # CPU smoke
+  python -m uni_instruct_jax.bench --config=configs/cifar10.py --batch=64 --compile_only  # no run
 
 Builds random-init teacher / fake score / generator of the config's real architecture (no
-checkpoint, no dataset: real images are random data of the right shape), compiles and warms up
-every function, then times `--steps` calls of each and prints one JSON line:
+checkpoint, no dataset: real images are random data of the right shape), compiles the two step
+programs the trainer runs (builders.PhaseSteps: the fake-score update, then the generator update
+of one phase), warms them up, then times `--steps` calls of each and prints one JSON line:
 
   sec_per_kimg, images_per_sec   generated images per second, one batch per iteration (as SiD).
   sample_images_per_sec          one-step generator sampling (eval mode) at the same batch.
   step_ms                        {fake_score, generator, iteration} milliseconds per call.
-  peak_memory_gb                 device peak bytes in use (null where the backend has none).
+  peak_memory_gb                 device peak GiB in use (null where the backend has none).
+  compiled_memory_gb             XLA's memory analysis of the iteration: the larger of the two
+                                 programs' arguments + outputs + temporaries - aliased (donated)
+                                 bytes, GiB (the programs run one after the other).
   compute_dtype, batch (global), params_m (one network, millions), devices, device_kind,
   flops_per_image                XLA's count for all passes of one iteration, per image.
+  flops_ratio                    XLA FLOPs of the generator program / the fake-score program.
+  analytic_fwd_equivalents       the passes one iteration must run, in network forwards (see
+                                 analytic_fwd_equivalents and docs/performance.md).
+  xla_flops_ratio                XLA FLOPs of the iteration / (analytic_fwd_equivalents x XLA FLOPs
+                                 of one network forward at the same batch): 1 when nothing runs
+                                 that the accounting does not name.
   mfu                            achieved FLOP/s over PEAK_FLOPS[device_kind] (null if unknown).
 
-Timings exclude compilation and warm-up; every call is synchronised with block_until_ready.
-Progress (calls done / total, rate, ETA) goes to stderr; stdout holds only the JSON line.
-The generator update is timed in the phase past the warm-up and SiD-only ones (images_seen set
-beyond loss.sid_kimg; steps.phase_at), so that it runs the configured divergence + GAN loss.
+Timings exclude compilation and warm-up; every call is synchronised with block_until_ready. With
+--compile_only nothing runs: the timing fields are null. Progress (calls done / total, rate, ETA)
+goes to stderr; stdout holds only the JSON line. The generator update is timed in the phase past
+the warm-up and SiD-only ones (images_seen set beyond loss.sid_kimg; steps.phase_at), so that it
+runs the configured divergence + GAN loss.
 """
 
 import functools
@@ -36,11 +48,13 @@ from absl import logging
 from ml_collections import config_flags
 
 from uni_instruct_jax import builders
+from uni_instruct_jax import losses
 from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import parallel
 from uni_instruct_jax import progress
 from uni_instruct_jax import steps as steps_lib
 from uni_instruct_jax import train_state as ts
+from uni_instruct_jax.networks import layers
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Path to a config file (configs/*.py).",
@@ -50,6 +64,9 @@ flags.DEFINE_integer("steps", 10, "Timed calls of each function after warm-up.")
 flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
 flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32"],
                   "Network compute dtype (params, losses and Adam stay float32); default: config.")
+flags.DEFINE_bool("compile_only", False, "Compile and analyse (FLOPs, memory) without running.")
+flags.DEFINE_enum("remat", None, list(layers.REMAT_POLICIES),
+                  "UNet block rematerialisation (network.remat); default: config.")
 flags.mark_flags_as_required(["config"])
 
 # Dense peak FLOP/s per device kind (vendor datasheets; no sparsity) for the MFU column:
@@ -87,15 +104,34 @@ def _time(fn: Callable[[], Any], steps: int, report: progress.Progress) -> float
   return float(np.median(times))
 
 
-def _flops(compiled) -> Optional[float]:
+def _analysis(compiled) -> Dict[str, Any]:
   try:
     analysis = compiled.cost_analysis()
   except Exception:  # pylint: disable=broad-except  # not every backend implements it
-    return None
+    return {}
   if isinstance(analysis, (list, tuple)):
     analysis = analysis[0] if analysis else None
-  flops = (analysis or {}).get("flops")
+  return analysis or {}
+
+
+def _flops(compiled) -> Optional[float]:
+  """XLA's FLOP count of a compiled program (per device), or None."""
+  flops = _analysis(compiled).get("flops")
   return float(flops) if flops and flops > 0 else None
+
+
+def compiled_memory_gb(compiled) -> Optional[float]:
+  """XLA's memory analysis of a compiled program: arguments + outputs + temporaries - aliased
+  (donated inputs reused as outputs count once), GiB; None where the backend has none."""
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if m is None:
+    return None
+  total = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+           - m.alias_size_in_bytes)
+  return total / 2 ** 30
 
 
 def _peak_memory_gb() -> Optional[float]:
@@ -104,7 +140,42 @@ def _peak_memory_gb() -> Optional[float]:
   return None if peak is None else peak / 2 ** 30
 
 
-def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
+def analytic_fwd_equivalents(encoder_share: float, trains_discriminator: bool,
+                             augment_share: float) -> float:
+  """Network forwards one iteration must run (docs/performance.md): a forward = 1, a backward to
+  the inputs = 1, a backward to inputs and parameters = 2, an encoder-only pass = encoder_share.
+
+  fake-score update: generator forward (no grad) 1 + fake forward/backward (params) on x_g 3
+    + [discriminator: encoder forward/backward (params) on real data 3 * encoder_share]
+    + the augment pipe on x_g and on the real batch (2 * augment_share, forward only);
+  generator update: generator forward/backward (params) 3 + teacher forward + input-backward 2
+    + fake forward + input-backward 2 (the discriminator logits come from that same forward).
+  """
+  fake = 1 + 3 + (3 * encoder_share if trains_discriminator else 0.0) + 2 * augment_share
+  return fake + 3 + 2 + 2
+
+
+def _forward_flops(nets, frozen, params, data, augment_pipe):
+  """XLA FLOPs (total over devices) of one fake-network forward, of its encoder alone, and of one
+  augment-pipe call, at the global batch."""
+  labels = data["label"] if nets.label_dim else None
+  sigma = jnp.ones((data["image"].shape[0],), jnp.float32)
+  variables = nets_lib.variables(params, frozen["buffers"])
+
+  def count(fn, *args):
+    return _flops(jax.jit(fn).lower(*args).compile())
+
+  forward = count(lambda v, x: nets.fake.apply(v, x, sigma, labels, None), variables, data["image"])
+  encoder = count(lambda v, x: nets.fake.apply(v, x, sigma, labels, None, method="encode"),
+                  variables, data["image"])
+  augment = 0.0
+  if augment_pipe is not None:
+    augment = count(lambda k, x: augment_pipe(k, x), jax.random.key(0), data["image"]) or 0.0
+  return forward, encoder, augment
+
+
+def benchmark(config, steps: int = 10, warmup: int = 2, compile_only: bool = False
+              ) -> Dict[str, Any]:
   """Times one distillation iteration of `config` on random data; returns the JSON record."""
   config = config.copy_and_resolve_references()
   config.teacher.source = "random"
@@ -113,8 +184,8 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
   nets, frozen, init_params = builders.build_image_nets(config)
   step_cfg = builders.step_config(config)
   gen_tx, fake_tx = builders.make_optimizers(config)
-  fns = steps_lib.make_step_fns(nets, step_cfg, gen_tx, fake_tx,
-                                builders.make_augment_pipe(config))
+  augment_pipe = builders.make_augment_pipe(config)
+  fns = steps_lib.make_step_fns(nets, step_cfg, gen_tx, fake_tx, augment_pipe)
 
   def fresh_state(params):
     return ts.create_state(*params, gen_tx, fake_tx, config.seed)
@@ -137,15 +208,40 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
 
   shardings = (state_shardings, parallel.data_sharding(mesh), jax.tree.map(lambda _: replicated,
                                                                            frozen))
-  step_fns = {"fake_score_update": fns.fake_score_update,
-              "generator_update": functools.partial(fns.generator_update, phase=phase),
-              "train_step": functools.partial(fns.train_step, phase=phase)}
-  jitted = {name: jax.jit(fn, in_shardings=shardings, out_shardings=(state_shardings, replicated),
-                          donate_argnums=(0,))
-            for name, fn in step_fns.items()}
-  print(f"bench: compiling {len(jitted)} step programs and the sampler", file=sys.stderr,
-        flush=True)
-  compiled = {name: fn.lower(state, data, frozen).compile() for name, fn in jitted.items()}
+  step_fns = {"fake_score": fns.fake_score_update,
+              "generator": functools.partial(fns.generator_update, phase=phase)}
+  print(f"bench: compiling {len(step_fns)} step programs", file=sys.stderr, flush=True)
+  compiled = {name: jax.jit(fn, in_shardings=shardings, out_shardings=(state_shardings, replicated),
+                            donate_argnums=(0,)).lower(state, data, frozen).compile()
+              for name, fn in step_fns.items()}
+  devices = len(jax.devices())
+  flops = {name: _flops(c) for name, c in compiled.items()}
+  memory = [compiled_memory_gb(c) for c in compiled.values()]
+  fwd, enc, aug = _forward_flops(nets, frozen, params[1], data, augment_pipe)
+  analytic = None
+  if fwd and enc:
+    trains_disc = any(losses.reads_discriminator(o) for o in steps_lib.phase_options(step_cfg))
+    analytic = analytic_fwd_equivalents(enc / fwd, trains_disc, aug / fwd)
+  iteration_flops = None if None in flops.values() else sum(flops.values()) * devices
+  record = {
+      "compiled_memory_gb": None if None in memory else max(memory),
+      "compute_dtype": str(config.network.dtype),
+      "remat": config.network.remat,
+      "batch": batch,
+      "params_m": sum(x.size for x in jax.tree.leaves(params[0])) / 1e6,
+      "devices": devices,
+      "device_kind": jax.devices()[0].device_kind,
+      "flops_per_image": None if iteration_flops is None else iteration_flops / batch,
+      "flops_ratio": (flops["generator"] / flops["fake_score"]
+                      if iteration_flops is not None else None),
+      "analytic_fwd_equivalents": analytic,
+      "xla_flops_ratio": (iteration_flops / (analytic * fwd)
+                          if analytic and iteration_flops is not None else None),
+  }
+  timing = dict.fromkeys(("sec_per_kimg", "images_per_sec", "sample_images_per_sec", "step_ms",
+                          "peak_memory_gb", "mfu"))
+  if compile_only:
+    return {**timing, **record, "steps": 0}
 
   holder = {"state": state}
 
@@ -153,51 +249,37 @@ def benchmark(config, steps: int = 10, warmup: int = 2) -> Dict[str, Any]:
     holder["state"], metrics = compiled[name](holder["state"], data, frozen)
     return metrics
 
+  def iteration():
+    return steps_lib.merge_metrics(call("fake_score"), call("generator"))
+
   def generate(params, key):
     z = jax.random.normal(key, (batch,) + nets.data_shape, jnp.float32)
     return nets_lib.generate(nets, params, frozen["buffers"], z,
                              labels if nets.label_dim else None, config.training.sigma_init)
   sampler = jax.jit(generate).lower(state.ema_params, jax.random.key(0)).compile()
 
+  timed = {"fake_score": lambda: call("fake_score"), "generator": lambda: call("generator"),
+           "iteration": iteration,
+           "sample": lambda: sampler(holder["state"].ema_params, jax.random.key(0))}
   seconds = {}
-  report = progress.Progress("bench", (len(compiled) + 1) * (warmup + steps), unit="calls")
-  for name in compiled:
+  report = progress.Progress("bench", len(timed) * (warmup + steps), unit="calls")
+  for name, fn in timed.items():
     for _ in range(warmup):
-      jax.block_until_ready(call(name))
+      jax.block_until_ready(fn())
       report.advance()
-    seconds[name] = _time(lambda name=name: call(name), steps, report)
-  for _ in range(warmup):
-    jax.block_until_ready(sampler(holder["state"].ema_params, jax.random.key(0)))
-    report.advance()
-  sample_s = _time(lambda: sampler(holder["state"].ema_params, jax.random.key(0)), steps, report)
+    seconds[name] = _time(fn, steps, report)
 
-  iteration = seconds["train_step"]
-  params_m = sum(x.size for x in jax.tree.leaves(holder["state"].gen_params)) / 1e6
-  flops = _flops(compiled["train_step"])
-  flops_per_image = None if flops is None else flops * len(jax.devices()) / batch
-  dtype = str(config.network.dtype)
-  device_kind = jax.devices()[0].device_kind
-  peak = peak_flops(device_kind, dtype)
-  images_per_sec = batch / iteration
+  images_per_sec = batch / seconds["iteration"]
+  peak = peak_flops(record["device_kind"], record["compute_dtype"])
   mfu = None
-  if peak and flops_per_image:
-    mfu = flops_per_image * images_per_sec / (peak * len(jax.devices()))
-  return {
-      "sec_per_kimg": 1000.0 / images_per_sec,
-      "images_per_sec": images_per_sec,
-      "sample_images_per_sec": batch / sample_s,
-      "step_ms": {"fake_score": 1e3 * seconds["fake_score_update"],
-                  "generator": 1e3 * seconds["generator_update"], "iteration": 1e3 * iteration},
-      "peak_memory_gb": _peak_memory_gb(),
-      "compute_dtype": dtype,
-      "batch": batch,
-      "params_m": params_m,
-      "devices": len(jax.devices()),
-      "device_kind": device_kind,
-      "flops_per_image": flops_per_image,
-      "mfu": mfu,
-      "steps": steps,
-  }
+  if peak and record["flops_per_image"]:
+    mfu = record["flops_per_image"] * images_per_sec / (peak * devices)
+  timing.update(
+      sec_per_kimg=1000.0 / images_per_sec, images_per_sec=images_per_sec,
+      sample_images_per_sec=batch / seconds["sample"],
+      step_ms={k: 1e3 * seconds[k] for k in ("fake_score", "generator", "iteration")},
+      peak_memory_gb=_peak_memory_gb(), mfu=mfu)
+  return {**timing, **record, "steps": steps}
 
 
 def main(argv):
@@ -213,8 +295,10 @@ def main(argv):
       config.training.micro_batch_size = 0
     if FLAGS.compute_dtype:
       config.network.dtype = FLAGS.compute_dtype
+    if FLAGS.remat is not None:
+      config.network.remat = FLAGS.remat
   record = {"config": config_flags.get_config_filename(FLAGS["config"]),
-            **benchmark(config, FLAGS.steps, FLAGS.warmup)}
+            **benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.compile_only)}
   print(json.dumps(record), flush=True)
 
 

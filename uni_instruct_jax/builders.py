@@ -1,5 +1,5 @@
 """Run setup: `setup(config, workdir)` validates every input (config, workdir, data, teacher,
-checkpoint) and builds the networks, the state and the per-phase jitted steps. It raises
+checkpoint) and builds the networks, the state and the jitted step programs. It raises
 `SetupError` before any compute, so bad input never touches what is already in the workdir."""
 
 import dataclasses
@@ -156,6 +156,8 @@ def _load_teacher(source: str, path: str, config, what: str = "config.teacher.pa
       raise SetupError(f"cannot load {what} {path!r}: {e}") from e
   if config.network.attn_implementation:
     module = module.clone(attn_implementation=config.network.attn_implementation)
+  if config.network.remat:
+    module = module.clone(remat=config.network.remat)
   return module, variables
 
 
@@ -228,24 +230,38 @@ def load_detector(config, mesh):
 
 
 class PhaseSteps:
-  """`(state, batch, frozen, images_seen) -> (state, metrics)`: the train_step of the phase at
-  the host int `images_seen` (steps.phase_at; no device sync), one jax.jit per phase (state
-  donated), made on first use and cached."""
+  """The jitted step programs (state donated), each made and compiled on first use and cached:
 
-  def __init__(self, jit_phase: Callable[[int], Callable], cfg: steps.StepConfig):
-    self._jit_phase = jit_phase
+    fake_step(state, batch, frozen) -> (state, metrics): the fake-score + discriminator update,
+      one program for the whole run;
+    gen_step(phase)(state, batch, frozen) -> (state, metrics): the generator update of `phase`
+      (none in the warm-up), the EMA and the step advance, one program per phase;
+    __call__(state, batch, frozen, images_seen): one iteration, both, in the phase at the host int
+      `images_seen` (steps.phase_at; no device sync).
+  """
+
+  def __init__(self, fns: steps.StepFns, jit: Callable[[Callable], Callable],
+               cfg: steps.StepConfig):
+    self._fns = fns
+    self._jit = jit
     self._cfg = cfg
-    self._jitted: Dict[int, Callable] = {}
+    self.fake_step = jit(fns.fake_score_update)
+    self._gen: Dict[int, Callable] = {}
+
+  def gen_step(self, phase: int) -> Callable:
+    if phase not in self._gen:
+      self._gen[phase] = self._jit(functools.partial(self._fns.generator_update, phase=phase))
+    return self._gen[phase]
 
   def __call__(self, state, batch, frozen, images_seen: int):
-    phase = steps.phase_at(images_seen, self._cfg)
-    if phase not in self._jitted:
-      self._jitted[phase] = self._jit_phase(phase)
-    return self._jitted[phase](state, batch, frozen)
+    state, fake_metrics = self.fake_step(state, batch, frozen)
+    state, gen_metrics = self.gen_step(steps.phase_at(images_seen, self._cfg))(state, batch, frozen)
+    return state, steps.merge_metrics(fake_metrics, gen_metrics)
 
   def compilations(self) -> int:
-    """Step programs compiled so far (the sizes of the per-phase jit caches)."""
-    return sum(fn._cache_size() for fn in self._jitted.values())  # pylint: disable=protected-access
+    """Distinct step programs compiled so far (the sizes of the jit caches)."""
+    jitted = [self.fake_step, *self._gen.values()]
+    return sum(fn._cache_size() for fn in jitted)  # pylint: disable=protected-access
 
 
 @dataclasses.dataclass
@@ -267,6 +283,15 @@ class Run:
   mixture: Any                  # toy.GaussianMixture or None.
   detector: Any = None          # FID detector when eval.every_ticks > 0.
   jit_cache: Dict[str, Callable] = dataclasses.field(default_factory=dict)  # see evaluation.run.
+
+  @property
+  def fake_step_fn(self) -> Callable:
+    """(state, batch, frozen) -> (state, metrics): one fake-score + discriminator update."""
+    return self.step_fn.fake_step
+
+  def gen_step_fn(self, phase: int) -> Callable:
+    """(state, batch, frozen) -> (state, metrics): the generator update of `phase`, EMA, advance."""
+    return self.step_fn.gen_step(phase)
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = True) -> Run:
@@ -315,7 +340,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
   gen_tx, fake_tx = make_optimizers(config)
   augment_pipe = make_augment_pipe(config)
   try:
-    train_step = steps.make_step_fns(nets, step_cfg, gen_tx, fake_tx, augment_pipe).train_step
+    step_fns = steps.make_step_fns(nets, step_cfg, gen_tx, fake_tx, augment_pipe)
   except (ValueError, KeyError) as e:
     raise SetupError(f"config.loss: {e}") from e
 
@@ -340,9 +365,8 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
   batch_shardings = parallel.data_sharding(mesh)
   frozen_shardings = jax.tree.map(lambda _: replicated, frozen)
 
-  def jit_phase(phase):
-    return jax.jit(functools.partial(train_step, phase=phase),
-                   in_shardings=(state_shardings, batch_shardings, frozen_shardings),
+  def jit_step(fn):
+    return jax.jit(fn, in_shardings=(state_shardings, batch_shardings, frozen_shardings),
                    out_shardings=(state_shardings, replicated), donate_argnums=(0,))
 
   detector = None
@@ -366,5 +390,5 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
   total_steps, tick_steps = _steps(config)
   return Run(config=config, workdir=workdir, mesh=mesh, nets=nets, dataset=dataset,
              frozen=frozen, state=state, state_shardings=state_shardings,
-             step_fn=PhaseSteps(jit_phase, step_cfg), checkpointer=checkpointer, meta=meta,
+             step_fn=PhaseSteps(step_fns, jit_step, step_cfg), checkpointer=checkpointer, meta=meta,
              total_steps=total_steps, tick_steps=tick_steps, mixture=mixture, detector=detector)

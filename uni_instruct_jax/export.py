@@ -78,7 +78,8 @@ STORAGE_NAMES = {np.dtype(k): v for k, v in (
     ('int8', 'CharStorage'), ('uint8', 'ByteStorage'), ('bool', 'BoolStorage'))}
 # Preconditioner fields written to the JSON even when they equal the class default.
 _ALWAYS_WRITTEN = ('img_resolution', 'img_channels', 'label_dim', 'model_type')
-_NOT_CONSTRUCTOR_ARGS = ('parent', 'name', 'model_kwargs', 'dtype', 'attn_implementation')
+_NOT_CONSTRUCTOR_ARGS = ('parent', 'name', 'model_kwargs', 'dtype', 'attn_implementation',
+                         'remat')
 _CHECKPOINT_DIRS = {'ema': 'checkpoints', 'best': 'checkpoints-best'}
 
 

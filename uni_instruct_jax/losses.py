@@ -365,6 +365,7 @@ def generator_loss(
     ratio_clip: Optional[Tuple[float, float]] = None,
     normalize_h: bool = False,
     logits_fn: Optional[DenoiseFn] = None,
+    fake_returns_logits: bool = False,
     gan_weight: float = 0.0,
     gan_normalize: Optional[bool] = None,
     sim_distance: str = "pseudo_huber",
@@ -442,6 +443,9 @@ def generator_loss(
     logits_fn: (x [B, *dims], sigma [B]) -> discriminator logits [B, ...] (the fake net's encoder
       + discriminator_logits, eval mode), called on x_t with its closure stopped like fake_fn; used
       by the GAN term, by 'official_bce' and, when log_ratio_fn is None, for log r.
+    fake_returns_logits: fake_fn returns (denoised, logits) from one forward (the logits of the
+      fake net's own bottleneck features) instead of a separate logits_fn pass; its closure is
+      stopped the same way and gradients flow through x_t into both outputs.
     gan_weight: weight of the generator GAN term added per sample. In 'official' mode the term is
       L_gan,i = numel * BCE_batch / w_f,i (numel = prod(dims)); in the other modes numel * BCE_i,
       divided by w_f when normalize (whatever the normalizer: the GAN term has no gradient identity
@@ -479,10 +483,13 @@ def generator_loss(
   _check_batch("sigma", sigma, batch)
   if noise.shape != x_g.shape:
     raise ValueError(f"noise shape {noise.shape} != x_g shape {x_g.shape}")
-  if logits_fn is None and (gan_weight != 0.0 or ratio_source == "official_bce"):
+  if logits_fn is not None and fake_returns_logits:
+    raise ValueError("pass logits_fn or fake_returns_logits, not both")
+  has_logits = logits_fn is not None or fake_returns_logits
+  if not has_logits and (gan_weight != 0.0 or ratio_source == "official_bce"):
     raise ValueError("logits_fn is required for gan_weight != 0 or ratio_source='official_bce'")
   uses_ratio = mode != "sim" and div.name != "reverse_kl"
-  if uses_ratio and log_ratio_fn is None and logits_fn is None and ratio_source == "logit":
+  if uses_ratio and log_ratio_fn is None and not has_logits and ratio_source == "logit":
     raise ValueError(f"log_ratio_fn or logits_fn is required for divergence {div.name!r}")
 
   sg = jax.lax.stop_gradient
@@ -490,13 +497,16 @@ def generator_loss(
   x_t, sigma, ok = noisy_inputs(x_g, sg(sigma), noise, wanted)
   x_g = _clean(x_g, ok)
   d_q = _frozen_call(teacher_fn, x_t, sigma)
-  d_p = _frozen_call(fake_fn, x_t, sigma)
+  if fake_returns_logits:
+    d_p, logits = _frozen_call(fake_fn, x_t, sigma)
+  else:
+    d_p = _frozen_call(fake_fn, x_t, sigma)
+    logits = _frozen_call(logits_fn, x_t, sigma) if has_logits else None
   for name, out in (("teacher_fn", d_q), ("fake_fn", d_p)):
     if out.shape != x_g.shape:
       raise ValueError(f"{name} returned shape {out.shape}, expected {x_g.shape}")
   ok = ok & _finite(d_q) & _finite(d_p)
-  if logits_fn is not None:
-    logits = _frozen_call(logits_fn, x_t, sigma)
+  if has_logits:
     if logits.shape[:1] != (batch,):
       raise ValueError(f"logits_fn returned shape {logits.shape}, expected [{batch}, ...]")
     ok = ok & _finite(logits)
@@ -507,7 +517,7 @@ def generator_loss(
 
   # Density ratio r [B] (stop-gradient); samples whose r is unusable are dropped where r is used.
   ones = jnp.ones((batch,), x_g.dtype)
-  reads_ratio = ratio_source == "official_bce" or log_ratio_fn is not None or logits_fn is not None
+  reads_ratio = ratio_source == "official_bce" or log_ratio_fn is not None or has_logits
   if ratio_source == "official_bce":
     l_gan = generator_gan_loss(sg(logits), scale=numel / w_f, batch_mean=True, valid=ok)
     r_raw = jnp.clip(_official_bce_ratio(div, l_gan), None, jnp.exp(LOG_R_MAX))

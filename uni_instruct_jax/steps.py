@@ -1,12 +1,14 @@
-"""The pure step functions of one distillation iteration (spec §3.2), one program per phase.
+"""The pure step functions of one distillation iteration (spec §3.2).
 
-Data flow of `train_step(state, batch, frozen, phase)`:
-  1. `fake_score_update`: fake-score DSM + discriminator BCE on generator samples (every step).
-  2. `generator_update`: the generator loss of `phase` against the updated fake score (none in
-     the warm-up), then the generator EMA and the step / images_seen advance.
+Data flow of one iteration (two compiled programs, run one after the other on the host):
+  1. `fake_score_update(state, batch, frozen)`: fake-score DSM + discriminator BCE on generator
+     samples (every iteration; one program for the whole run).
+  2. `generator_update(state, batch, frozen, phase)`: the generator loss of `phase` against the
+     updated fake score (none in the warm-up), then the generator EMA and the step / images_seen
+     advance (one program per phase).
 The phase is a static Python int chosen on the host by `phase_at(images_seen, cfg)`: 0 warm-up
 (fake score and discriminator only), 1 SiD-only, 1 + k the k-th entry of the divergence schedule.
-Each phase is its own compiled program; no conditional runs around a gradient.
+No conditional runs around a gradient; `merge_metrics` joins the two programs' metrics.
 """
 
 import dataclasses
@@ -121,16 +123,22 @@ def _accumulate(grad_fn: Callable, params: Any, batch: Any, key, num_micro: int)
 
 class StepFns(NamedTuple):
   """The pure step functions. fake_score_update(state, batch, frozen) -> (state, metrics);
-  generator_update and train_step take a fourth, static argument `phase` (see phase_at)."""
+  generator_update takes a fourth, static argument `phase` (see phase_at). One iteration is
+  fake_score_update, then generator_update (metrics joined by merge_metrics)."""
   fake_score_update: Callable
   generator_update: Callable
-  train_step: Callable        # fake_score_update, then generator_update.
+
+
+def merge_metrics(fake: Dict[str, jnp.ndarray], gen: Dict[str, jnp.ndarray]
+                  ) -> Dict[str, jnp.ndarray]:
+  """The metrics of one iteration from those of its two updates (NaN counts summed)."""
+  return {**fake, **gen, **{k: fake[k] + gen[k] for k in ("nan_samples", "nan_grads")}}
 
 
 def make_step_fns(nets: nets_lib.Nets, cfg: StepConfig, gen_tx: optax.GradientTransformation,
                   fake_tx: optax.GradientTransformation,
                   augment_pipe: Optional[augment_lib.AugmentPipe]) -> StepFns:
-  """Builds the step functions (train_step = one fake-score then one generator update).
+  """Builds the step functions of one iteration (a fake-score then a generator update).
 
   batch: {'image': [B, *data_shape] real data in data units, 'label': [B, label_dim]}.
   frozen: {'teacher': teacher variables, 'buffers': generator/fake 'buffers' collection or {}}.
@@ -204,23 +212,24 @@ def make_step_fns(nets: nets_lib.Nets, cfg: StepConfig, gen_tx: optax.GradientTr
     def teacher_fn(x, s):
       return nets.teacher(teacher_vars, x, s, labels)
 
-    def fake_fn(x, s):
-      return nets_lib.apply(nets.fake, fake_params, buffers, x, s, labels, train=False, key=None)
-
-    def encode_logits(x, s):
-      feats = nets.fake.apply(nets_lib.variables(fake_params, buffers), x, s, labels, None,
-                              train=False, method="encode")
-      return losses.discriminator_logits(feats.astype(jnp.float32))
-
-    # The discriminator only runs if this phase uses it.
+    # The discriminator logits only come out if this phase uses them; they are read off the
+    # bottleneck features of the same fake-score forward (no second encoder pass).
     needs_logits = (opts["gan_weight"] != 0.0 or opts.get("ratio_source") == "official_bce"
                     or opts["divergence"] != "reverse_kl")
+
+    def fake_fn(x, s):
+      out = nets_lib.apply(nets.fake, fake_params, buffers, x, s, labels, train=False, key=None,
+                           return_features=needs_logits)
+      if not needs_logits:
+        return out
+      denoised, feats = out
+      return denoised, losses.discriminator_logits(feats.astype(jnp.float32))
 
     def loss_fn(p):
       x_g = nets_lib.generate(nets, p, buffers, z, labels, cfg.sigma_init, train=True, key=k_drop)
       per_sample, aux = losses.generator_loss(
           x_g, sigma, noise, teacher_fn, fake_fn, None, return_aux=True,
-          logits_fn=encode_logits if needs_logits else None, **opts)
+          fake_returns_logits=needs_logits, **opts)
       mean, nan_samples = _masked_mean(per_sample)
       metrics = {k: jnp.asarray(v, jnp.float32) for k, v in aux.items() if k != "nan_count"}
       metrics["loss_gen"] = mean
@@ -277,14 +286,4 @@ def make_step_fns(nets: nets_lib.Nets, cfg: StepConfig, gen_tx: optax.GradientTr
                          ema_params=ts.ema_update(state.ema_params, gen_params, beta),
                          step=state.step + 1, images_seen=images_seen), metrics
 
-  def train_step(state: ts.TrainState, batch: Dict[str, jnp.ndarray], frozen: Dict[str, Any],
-                 phase: int):
-    """One distillation iteration of `phase`: fake_score_update then generator_update."""
-    state, f_metrics = fake_score_update(state, batch, frozen)
-    state, g_metrics = generator_update(state, batch, frozen, phase)
-    metrics = {**f_metrics, **g_metrics}
-    for key in ("nan_samples", "nan_grads"):
-      metrics[key] = f_metrics[key] + g_metrics[key]
-    return state, metrics
-
-  return StepFns(fake_score_update, generator_update, train_step)
+  return StepFns(fake_score_update, generator_update)

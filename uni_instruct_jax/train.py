@@ -2,9 +2,10 @@
 
 Reading order for a newcomer:
   1. `builders.setup(config, workdir)` validates every input and builds the networks, the state
-     and the per-phase jitted steps (raising `SetupError` before any compute).
-  2. `steps.py` holds one iteration: a fake-score + discriminator update, then a generator update
-     with the loss of the current phase (none during warm-up), then the generator EMA.
+     and the jitted step programs (raising `SetupError` before any compute).
+  2. `steps.py` holds one iteration: a fake-score + discriminator update (one program), then a
+     generator update with the loss of the current phase (none during warm-up) and the generator
+     EMA (one program per phase).
   3. `train_and_evaluate` (here) runs the loop: it picks each step's phase on the host from the
      images seen, and per tick writes the status line, metrics.jsonl and TensorBoard, snapshots
      (EMA sample grids), checkpoints (orbax, resumable bitwise) and finally summary.json, whose
@@ -229,7 +230,8 @@ def _train(run: builders.Run) -> Dict[str, Any]:
 
   run.state = state
   compilations = run.step_fn.compilations()
-  print(f"compiled the train step {compilations} time(s), once per phase run", flush=True)
+  print(f"compiled {compilations} step program(s): the fake-score update and one generator "
+        "update per phase run", flush=True)
   summary = {"steps": step, "kimg": step * batch / 1000, "resumed_from_step": start_step,
              "generator_params_sha256": ts.params_sha256(parallel.to_host(state.ema_params)),
              "num_devices": jax.device_count(), "compilations": compilations}

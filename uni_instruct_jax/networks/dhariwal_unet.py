@@ -34,6 +34,7 @@ class DhariwalUNet(nn.Module):
   label_dropout: float = 0.0
   dtype: jnp.dtype = jnp.float32
   attn_implementation: Optional[str] = None
+  remat: str = ''  # layers.REMAT_POLICIES
 
   def layout(self) -> tuple[list[LayerSpec], list[LayerSpec]]:
     """EDM's `enc` and `dec` ModuleDicts as ordered LayerSpec lists (pure Python, no variables)."""
@@ -82,6 +83,7 @@ class DhariwalUNet(nn.Module):
     """
     enc, dec = self.layout()
     batch = x.shape[0]
+    block_cls = layers.unet_block(self.remat)
     gain = float(np.sqrt(1 / 3))
     init = Init('kaiming_uniform', gain, gain)
     init_zero = Init('kaiming_uniform', 0.0, 0.0)
@@ -115,7 +117,7 @@ class DhariwalUNet(nn.Module):
       if spec.kind == 'conv':
         x = layers.Conv2d(spec.out_channels, 3, init_spec=init, dtype=self.dtype, name=name)(x)
       else:
-        x = layers.UNetBlock(spec.out_channels, name=name, **block, **dict(spec.block))(x, emb, train)
+        x = block_cls(spec.out_channels, name=name, **block, **dict(spec.block))(x, emb, train)
       skips.append(x)
     features = x
     if not decode:
@@ -125,7 +127,7 @@ class DhariwalUNet(nn.Module):
     for spec in dec:
       if x.shape[-1] != spec.in_channels:
         x = jnp.concatenate([x, skips.pop()], axis=-1)
-      x = layers.UNetBlock(spec.out_channels, name=f'dec_{spec.name}', **block, **dict(spec.block))(
+      x = block_cls(spec.out_channels, name=f'dec_{spec.name}', **block, **dict(spec.block))(
           x, emb, train)
     x = layers.group_norm(x.shape[-1], 1e-5, self.dtype, 'out_norm')(x)
     x = layers.Conv2d(self.out_channels, 3, init_spec=init_zero, dtype=self.dtype, name='out_conv')(

@@ -309,6 +309,32 @@ class UNetBlock(nn.Module):
     return x
 
 
+# Rematerialisation policies of the UNet blocks (config network.remat): '' stores every activation
+# the backward pass needs; 'block' stores only each UNetBlock's inputs and recomputes the block in
+# the backward pass (jax.checkpoint around each block); 'block_save_convs' also stores the block's
+# convolution / matmul outputs and recomputes only the cheap ops between them (GroupNorm, SiLU,
+# dropout, affine, softmax).
+REMAT_POLICIES = ('', 'block', 'block_save_convs')
+
+
+def _save_convs(prim, *_, **__) -> bool:
+  """jax.checkpoint policy: keep convolution and matmul outputs."""
+  return prim in (jax.lax.conv_general_dilated_p, jax.lax.dot_general_p)
+
+
+def unet_block(remat: str) -> type:
+  """The UNetBlock class under the rematerialisation policy `remat` (one of REMAT_POLICIES).
+
+  Rematerialisation changes what the backward pass stores, never the values or the parameter tree
+  (a block keeps its name)."""
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f'remat must be one of {REMAT_POLICIES}, got {remat!r}')
+  if not remat:
+    return UNetBlock
+  policy = _save_convs if remat == 'block_save_convs' else None
+  return nn.remat(UNetBlock, static_argnums=(3,), policy=policy)  # (self, x, emb, train)
+
+
 class LayerSpec(NamedTuple):
   """One entry of a UNet's `enc`/`dec` ModuleDict, in EDM's order.
 

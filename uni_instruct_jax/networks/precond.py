@@ -19,7 +19,7 @@ from uni_instruct_jax.networks.song_unet import SongUNet
 MODEL_TYPES = {'SongUNet': SongUNet, 'DhariwalUNet': DhariwalUNet}
 # UNet fields that the preconditioner sets itself.
 _MODEL_FIELDS_SET_BY_PRECOND = ('img_resolution', 'in_channels', 'out_channels', 'label_dim', 'dtype',
-                                'attn_implementation')
+                                'attn_implementation', 'remat')
 
 
 def model_class(model_type: str) -> type:
@@ -56,6 +56,7 @@ class Precond(nn.Module):
   model_kwargs: tuple = ()
   dtype: Any = jnp.float32
   attn_implementation: Optional[str] = None
+  remat: str = ''  # UNet block rematerialisation, one of layers.REMAT_POLICIES
 
   def unet_config(self) -> tuple[type, dict]:
     """(UNet class, its constructor kwargs)."""
@@ -63,7 +64,7 @@ class Precond(nn.Module):
     check_model_kwargs(self.model_type, kwargs)
     kwargs.update(img_resolution=self.img_resolution, in_channels=self.img_channels,
                   out_channels=self.img_channels, label_dim=self.label_dim, dtype=self.dtype,
-                  attn_implementation=self.attn_implementation)
+                  attn_implementation=self.attn_implementation, remat=self.remat)
     return model_class(self.model_type), kwargs
 
   def setup(self):

@@ -41,6 +41,7 @@ class SongUNet(nn.Module):
   resample_filter: Sequence[float] = (1, 1)
   dtype: jnp.dtype = jnp.float32
   attn_implementation: Optional[str] = None
+  remat: str = ''  # layers.REMAT_POLICIES
 
   def _check(self):
     for field, value, allowed in (('embedding_type', self.embedding_type, EMBEDDING_TYPES),
@@ -109,6 +110,7 @@ class SongUNet(nn.Module):
     """
     enc, dec = self.layout()
     batch = x.shape[0]
+    block_cls = layers.unet_block(self.remat)
     init = Init('xavier_uniform')
     init_zero = Init('xavier_uniform', 1e-5)
     init_attn = Init('xavier_uniform', float(np.sqrt(0.2)))
@@ -159,7 +161,7 @@ class SongUNet(nn.Module):
         x = layers.Conv2d(spec.out_channels, 3, init_spec=init, dtype=self.dtype, name=name)(x)
         skips.append(x)
       else:
-        x = layers.UNetBlock(spec.out_channels, name=name, **block, **dict(spec.block))(x, emb, train)
+        x = block_cls(spec.out_channels, name=name, **block, **dict(spec.block))(x, emb, train)
         skips.append(x)
     features = x
     if not decode:
@@ -181,5 +183,5 @@ class SongUNet(nn.Module):
       else:
         if x.shape[-1] != spec.in_channels:
           x = jnp.concatenate([x, skips.pop()], axis=-1)
-        x = layers.UNetBlock(spec.out_channels, name=name, **block, **dict(spec.block))(x, emb, train)
+        x = block_cls(spec.out_channels, name=name, **block, **dict(spec.block))(x, emb, train)
     return (aux, features) if return_features else aux
