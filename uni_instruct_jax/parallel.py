@@ -155,6 +155,28 @@ def to_host(tree: Any) -> Any:
   return jax.tree.map(np.asarray, tree)
 
 
+def process_rows(x: Any) -> np.ndarray:
+  """Rows [p n / P, (p + 1) n / P) of x [n, ...] for this process p of P, as numpy: read from
+  this process's shards of a global array (sharded on axis 0 over a process-major mesh, or
+  replicated), never gathered from other hosts; a numpy x is sliced. n must divide by P."""
+  n, index, count = x.shape[0], jax.process_index(), jax.process_count()
+  if n % count:
+    raise ValueError(f"a batch of {n} rows does not split over {count} processes")
+  lo, hi = index * n // count, (index + 1) * n // count
+  if not isinstance(x, jax.Array):
+    return np.asarray(x[lo:hi])
+  out, filled = np.empty((hi - lo,) + x.shape[1:], x.dtype), np.zeros(hi - lo, bool)
+  for shard in x.addressable_shards:
+    start, stop, _ = shard.index[0].indices(n) if shard.index else (0, n, 1)
+    a, b = max(start, lo), min(stop, hi)
+    if a < b:
+      out[a - lo:b - lo] = np.asarray(shard.data)[a - start:b - start]
+      filled[a - lo:b - lo] = True
+  if not filled.all():
+    raise ValueError(f"process {index} does not hold rows [{lo}, {hi}) of the global array")
+  return out
+
+
 def param_shardings(mesh: Mesh, tree: Any) -> Any:
   """Placement of a parameter/state pytree: replicated, or with model parallelism the last axis of
   every array of rank >= 2 whose size divides by the 'model' axis split over it."""

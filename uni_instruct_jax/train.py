@@ -11,7 +11,6 @@ Reading order for a newcomer:
 """
 
 import json
-import pathlib
 import resource
 import time
 from typing import Any, Dict
@@ -19,9 +18,11 @@ from typing import Any, Dict
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from uni_instruct_jax import builders
 from uni_instruct_jax import parallel
+from uni_instruct_jax import paths
 from uni_instruct_jax import train_state as ts
 from uni_instruct_jax.builders import SetupError  # pylint: disable=unused-import  # API
 from uni_instruct_jax.evaluation import run as eval_run
@@ -30,24 +31,23 @@ from uni_instruct_jax.evaluation import run as eval_run
 class MetricsLog:
   """W/metrics.jsonl (one JSON record per tick) and TensorBoard (process 0 only)."""
 
-  def __init__(self, workdir: pathlib.Path, resume_step: int):
+  def __init__(self, workdir: epath.Path, resume_step: int):
     self.path = workdir / "metrics.jsonl"
     self.enabled = jax.process_index() == 0
     self.writer = None
     if not self.enabled:
       return
     if self.path.exists():  # drop records written after the checkpoint we resume from
-      kept = [line for line in self.path.read_text().splitlines()
+      kept = [line for line in paths.read_text(self.path).splitlines()
               if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
+      paths.write_text(self.path, "".join(line + "\n" for line in kept))
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(str(workdir / "tensorboard"))
+    self.writer = SummaryWriter(paths.tensorboard_dir(workdir / "tensorboard"))
 
   def write(self, record: Dict[str, Any]) -> None:
     if not self.enabled:
       return
-    with self.path.open("a") as f:
-      f.write(json.dumps(record, sort_keys=True) + "\n")
+    paths.append_text(self.path, json.dumps(record, sort_keys=True) + "\n")
     for k, v in record.items():
       if isinstance(v, (int, float)) and k not in ("step", "tick"):
         self.writer.add_scalar(k, v, record["step"])
@@ -101,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
   if start_step >= run.total_steps and summary_path.exists():
     print(f"run in {workdir} already finished at step {start_step}; nothing to do", flush=True)
     run.checkpointer.close()
-    return json.loads(summary_path.read_text())
+    return json.loads(paths.read_text(summary_path))
 
   extra = {k: run.meta[k] for k in ("init_metric",) if k in run.meta}
   if run.mixture is not None and "init_metric" not in extra:
@@ -157,7 +157,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[
     summary.update(_toy_metrics(run), init_metric=extra["init_metric"])
     eval_run.write_snapshot(run, "scatter.png")
   if jax.process_index() == 0:
-    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    paths.write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
   log.close()
   run.checkpointer.close()
   return summary

@@ -6,7 +6,6 @@ the images seen and the base RNG key (raw uint32 key data, so it checkpoints lik
 """
 
 import hashlib
-import pathlib
 from typing import Any, Dict, Optional, Tuple
 
 import flax
@@ -15,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+
+from uni_instruct_jax import paths
 
 
 @flax.struct.dataclass
@@ -95,8 +96,8 @@ class Checkpointer:
   W/checkpoints holds the latest steps; W/checkpoints-best the best-FID one (keep=1).
   """
 
-  def __init__(self, workdir: pathlib.Path, keep: int, name: str = "checkpoints"):
-    self.directory = pathlib.Path(workdir).resolve() / name
+  def __init__(self, workdir: paths.PathLike, keep: int, name: str = "checkpoints"):
+    self.directory = paths.workdir_path(workdir) / name  # gs:// kept: orbax reads epath
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
