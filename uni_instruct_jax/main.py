@@ -143,6 +143,9 @@ def main(argv):
   except (builders.SetupError, config_schema.ConfigError, StatisticsError) as e:
     logging.flush()
     _fail(str(e))
+  except Exception as e:  # pylint: disable=broad-except
+    parallel.exit_on_peer_failure(e)  # a dead peer: one line, no wait at exit
+    raise
 
 
 if __name__ == "__main__":

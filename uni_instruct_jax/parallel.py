@@ -8,6 +8,7 @@ processes of a multi-host job (or fails loudly) before anything touches a device
 
 import os
 import socket
+import sys
 import time
 from typing import Any, Optional
 
@@ -24,6 +25,8 @@ HEARTBEAT_TIMEOUT_S = 30
 # How long processes wait for each other (and for the coordinator) at start-up: workers of a pod
 # start minutes apart.
 INITIALIZATION_TIMEOUT_S = 300
+# Exit code of a process whose peer died (see `exit_on_peer_failure`).
+EXIT_PEER_LOST = 3
 
 
 class DistributedSetupError(ValueError):
@@ -106,6 +109,21 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
   logging.info("process %d of %d (coordinator %s)", jax.process_index(), jax.process_count(),
                address or "auto-detected")
   return True
+
+
+def exit_on_peer_failure(error: BaseException) -> None:
+  """Ends a multi-process job's process whose collective failed (another process died, was
+  preempted or is unreachable) with one `error:` line and EXIT_PEER_LOST, at once: the normal exit
+  would wait in jax.distributed's shutdown barrier for the dead peer, then abort with a stack dump.
+  Returns (the caller re-raises) for one process and for other errors."""
+  if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+    return
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  sys.stdout.flush()
+  print(f"error: process {jax.process_index()} of {jax.process_count()}: a collective failed, "
+        f"another process of the job died or is unreachable ({lines[0] if lines else 'no detail'})"
+        "; rerun the job to resume from the last checkpoint", file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
 
 
 def make_mesh(model_parallelism: int = 1, devices=None) -> Mesh:
