@@ -141,8 +141,10 @@ def test_resume_on_another_process_count(toy_runs, tmp_path, before, after):
 @FULL
 @pytest.mark.slow
 def test_kill_one_process_then_resume(tmp_path):
-  """kill -9 of process 1: process 0 stops with one `error:` line within 60 s (the 30 s
-  heartbeat), never hangs; the launcher then resumes from the last checkpoint."""
+  """kill -9 of process 1 between checkpoints: process 0 stops with one `error:` line within 60 s
+  (the 30 s heartbeat bounds it), never hangs; the launcher then resumes from the last
+  checkpoint. (Killed inside a checkpoint's barrier, process 0 is ended by JAX's coordination
+  service after the heartbeat timeout instead, with its own fatal message: docs/scale.md.)"""
   workdir = tmp_path / "w"
   port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
                          "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
@@ -150,12 +152,13 @@ def test_kill_one_process_then_resume(tmp_path):
   env = dict(_env(2), XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "uni_instruct_jax.main", f"--coordinator_address=127.0.0.1:{port}",
-       "--num_processes=2", f"--process_id={p}", f"--workdir={workdir}", *_toy(400)],
+       "--num_processes=2", f"--process_id={p}", f"--workdir={workdir}", *_toy(400),
+       "--config.ckpt.every_ticks=5"],
       cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
       for p in (0, 1)]
   try:
     deadline = time.monotonic() + 600
-    while not (workdir / "checkpoints" / "2").is_dir():
+    while not (workdir / "checkpoints" / "5").is_dir():
       assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)
