@@ -13,6 +13,7 @@ import os
 import pathlib
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,12 @@ def _launch(num, devices, workdir, flags, timeout=900):
   return json.loads((pathlib.Path(workdir) / "summary.json").read_text())
 
 
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
 def _metrics(workdir):
   return [json.loads(line) for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text()
           .splitlines()]
@@ -99,7 +106,7 @@ def test_tiny_image_two_processes_match_one(tmp_path):
   zip_path = shared_path("data", "cifar10-train-jpeg.zip")
   flags = ["--config=configs/tiny.py", f"--config.data.path={zip_path}",
            "--config.training.total_kimg=0.016", "--config.training.tick_kimg=0.008",
-           "--config.loss.warmup_kimg=0", "--config.loss.sid_kimg=0.008",
+           "--config.loss.warmup_kimg=0", "--config.loss.sid_kimg=0",
            "--config.training.snapshot_ticks=1000"]
   one, two = tmp_path / "p1", tmp_path / "p2"
   s1, s2 = _launch(1, 4, one, flags), _launch(2, 2, two, flags)
@@ -146,9 +153,7 @@ def test_kill_one_process_then_resume(tmp_path):
   checkpoint. (Killed inside a checkpoint's barrier, process 0 is ended by JAX's coordination
   service after the heartbeat timeout instead, with its own fatal message: docs/scale.md.)"""
   workdir = tmp_path / "w"
-  port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
-                         "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
-                        capture_output=True, text=True, check=True).stdout.strip()
+  port = _free_port()
   env = dict(_env(2), XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = [subprocess.Popen(
       [sys.executable, "-m", "uni_instruct_jax.main", f"--coordinator_address=127.0.0.1:{port}",
@@ -204,9 +209,7 @@ print(json.dumps({"rows": rows, "full": full.tolist(), "feats": np.asarray(feats
 def test_process_rows_and_feature_gather():
   """Each of 2 processes reads its half of a global batch from its own shards (sharded or
   replicated); the detector gathers only features, in global order."""
-  port = subprocess.run([sys.executable, "-c", "import socket; s = socket.socket(); "
-                         "s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])"],
-                        capture_output=True, text=True, check=True).stdout.strip()
+  port = _free_port()
   env = dict(_env(2), XLA_FLAGS="--xla_force_host_platform_device_count=2")
   procs = [subprocess.Popen([sys.executable, "-c", _ROWS_SCRIPT, f"127.0.0.1:{port}", str(p)],
                             cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -6,9 +6,11 @@ batch and `global_batch` assembles the global `jax.Array`. `initialize_distribut
 processes of a multi-host job (or fails loudly) before anything touches a device.
 """
 
+import atexit
 import os
 import socket
 import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -25,8 +27,12 @@ HEARTBEAT_TIMEOUT_S = 30
 # How long processes wait for each other (and for the coordinator) at start-up: workers of a pod
 # start minutes apart.
 INITIALIZATION_TIMEOUT_S = 300
-# Exit code of a process whose peer died (see `exit_on_peer_failure`).
+# Exit code of a process whose peer died (see `exit_on_peer_failure`, `start_peer_watchdog`).
 EXIT_PEER_LOST = 3
+# The peer watchdog's timeout: below HEARTBEAT_TIMEOUT_S, so its one-line error comes before
+# JAX's fatal abort (a stack dump) for a peer that died while this process waits.
+PEER_TIMEOUT_S = 20
+_BEAT_DIR = "uni_instruct_jax/beat/"
 
 
 class DistributedSetupError(ValueError):
@@ -108,7 +114,61 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
         f"process_id={index}) failed: {lines[0] if lines else type(e).__name__}") from e
   logging.info("process %d of %d (coordinator %s)", jax.process_index(), jax.process_count(),
                address or "auto-detected")
+  start_peer_watchdog()
   return True
+
+
+def _peer_lost(reason: str) -> None:
+  """One `error:` line on stderr and exit EXIT_PEER_LOST at once (no jax.distributed barrier)."""
+  sys.stdout.flush()
+  print(f"error: process {jax.process_index()} of {jax.process_count()}: {reason}; rerun the "
+        "job to resume from the last checkpoint", file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+
+
+def start_peer_watchdog(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S) -> None:
+  """Daemon thread of a multi-process job: publishes a beat in the coordination service's
+  key-value store every interval_s and ends the process through `_peer_lost` when a peer's beat
+  has not changed for timeout_s (it died; the others would otherwise wait in a collective or a
+  checkpoint barrier until JAX aborts them) or the store is unreachable (process 0 died)."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return
+  me = jax.process_index()
+  exiting = threading.Event()
+
+  def on_exit():  # runs before jax.distributed's own exit handler (atexit is LIFO)
+    exiting.set()
+    try:  # a finished process is not a dead one: peers still at work keep going
+      client.key_value_set(f"{_BEAT_DIR}{me}", "exit", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  atexit.register(on_exit)
+
+  def watch():
+    changed, beat = {}, 0  # peer -> (last beat seen, local time it changed)
+    while not exiting.is_set():
+      beat += 1
+      try:
+        client.key_value_set(f"{_BEAT_DIR}{me}", str(beat), allow_overwrite=True)
+        beats = dict(client.key_value_dir_get(_BEAT_DIR))
+      except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError and kin
+        if exiting.is_set():
+          return
+        lines = str(e).strip().splitlines()
+        _peer_lost(f"the coordination service is unreachable ({lines[0] if lines else e!r})")
+      now = time.monotonic()
+      for key, value in beats.items():
+        if changed.get(key, (None,))[0] != value:
+          changed[key] = (value, now)
+      stale = [key.rsplit("/", 1)[-1] for key, (value, t) in changed.items()
+               if value != "exit" and now - t > timeout_s]
+      if stale:
+        _peer_lost(f"process {stale[0]} sent no heartbeat for {timeout_s:g} s (died or "
+                   "unreachable)")
+      time.sleep(interval_s)
+  threading.Thread(target=watch, name="peer-watchdog", daemon=True).start()
 
 
 def exit_on_peer_failure(error: BaseException) -> None:
@@ -119,11 +179,8 @@ def exit_on_peer_failure(error: BaseException) -> None:
   if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
     return
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  sys.stdout.flush()
-  print(f"error: process {jax.process_index()} of {jax.process_count()}: a collective failed, "
-        f"another process of the job died or is unreachable ({lines[0] if lines else 'no detail'})"
-        "; rerun the job to resume from the last checkpoint", file=sys.stderr, flush=True)
-  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+  _peer_lost("a collective failed, another process of the job died or is unreachable "
+             f"({lines[0] if lines else 'no detail'})")
 
 
 def make_mesh(model_parallelism: int = 1, devices=None) -> Mesh:
