@@ -149,7 +149,7 @@ def test_resume_on_another_process_count(toy_runs, tmp_path, before, after):
 @pytest.mark.slow
 def test_kill_one_process_then_resume(tmp_path):
   """kill -9 of process 1 mid-run (processes started as on a pod, no launcher): process 0 stops
-  with one `error:` line within 60 s (a failed collective at once, else the 20 s peer watchdog),
+  with one `error:` line within 60 s (a failed collective at once, else the 15 s peer watchdog),
   never hangs; the launcher then resumes from the last checkpoint."""
   workdir = tmp_path / "w"
   port = _free_port()

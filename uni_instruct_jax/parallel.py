@@ -23,7 +23,7 @@ DATA_AXIS = "data"
 MODEL_AXIS = "model"
 # A process that sends no heartbeat for this long counts as dead and the others stop with an
 # error (JAX's default is 100 s).
-HEARTBEAT_TIMEOUT_S = 30
+HEARTBEAT_TIMEOUT_S = 50
 # How long processes wait for each other (and for the coordinator) at start-up: workers of a pod
 # start minutes apart.
 INITIALIZATION_TIMEOUT_S = 300
@@ -31,7 +31,7 @@ INITIALIZATION_TIMEOUT_S = 300
 EXIT_PEER_LOST = 3
 # The peer watchdog's timeout: below HEARTBEAT_TIMEOUT_S, so its one-line error comes before
 # JAX's fatal abort (a stack dump) for a peer that died while this process waits.
-PEER_TIMEOUT_S = 20
+PEER_TIMEOUT_S = 15
 _BEAT_DIR = "uni_instruct_jax/beat/"
 
 
