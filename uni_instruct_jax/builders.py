@@ -6,19 +6,20 @@ import dataclasses
 import functools
 import json
 import math
-import pathlib
 from typing import Any, Callable, Dict, Tuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 from absl import logging
+from etils import epath
 
 from uni_instruct_jax import augment as augment_lib
 from uni_instruct_jax import config_schema
 from uni_instruct_jax import divergences
 from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import parallel
+from uni_instruct_jax import paths
 from uni_instruct_jax import steps
 from uni_instruct_jax import train_state as ts
 
@@ -107,13 +108,13 @@ def _flatten_config(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
   return out
 
 
-def _check_saved_config(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> None:
+def _check_saved_config(config: ml_collections.ConfigDict, workdir: epath.Path) -> None:
   """Refuses to resume a workdir whose saved config differs beyond RESUMABLE_CHANGES."""
   path = workdir / "config.json"
   if not path.exists():
     return
   try:
-    saved = _flatten_config(json.loads(path.read_text()))
+    saved = _flatten_config(json.loads(paths.read_text(path)))
   except (ValueError, OSError) as e:
     raise SetupError(f"{path} is not readable JSON ({e}); move it away to start afresh") from e
   current = _flatten_config(json.loads(config.to_json_best_effort()))
@@ -142,7 +143,7 @@ def _load_teacher(source: str, path: str, config, what: str = "config.teacher.pa
                                       config.network.kwargs.to_dict(), dtype), None
   elif source not in ("pkl", "converted"):
     raise SetupError(f"config.teacher.source must be pkl|converted|random|toy, got {source!r}")
-  elif not path or not pathlib.Path(path).exists():
+  elif not path or not paths.workdir_path(path).exists():
     raise SetupError(f"{what} {path!r} does not exist (source {source!r})")
   else:
     try:
@@ -268,7 +269,7 @@ class PhaseSteps:
 class Run:
   """Everything `setup` validated and built."""
   config: ml_collections.ConfigDict
-  workdir: pathlib.Path
+  workdir: epath.Path
   mesh: Any
   nets: nets_lib.Nets
   dataset: Any
@@ -298,7 +299,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
   """Validates inputs and builds the run; raises SetupError on bad input (nothing written yet
   except the workdir directory itself and, for a fresh run, config.json)."""
   config_schema.validate(config)  # ConfigError: one line naming the key and its valid values
-  workdir = pathlib.Path(workdir)
+  workdir = paths.workdir_path(workdir)
   if workdir.exists() and not workdir.is_dir():
     raise SetupError(f"--workdir {workdir} exists and is not a directory")
   step_cfg = step_config(config)  # validates the batch split and the divergence schedule
@@ -306,7 +307,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
   micro = config.training.micro_batch_size or batch
   try:
     mesh = parallel.make_mesh(config.mesh.model_parallelism)
-    local_batch = parallel.local_batch_size(batch, mesh)
+    parallel.local_batch_size(batch, mesh)  # checks the split
     if micro % parallel.data_size(mesh):
       raise ValueError(f"micro-batch {micro} is not divisible by the "
                        f"{parallel.data_size(mesh)} devices of the 'data' axis")
@@ -323,8 +324,9 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
     from uni_instruct_jax import toy, toy_run  # pylint: disable=g-import-not-at-top
     mixture = toy.GaussianMixture.ring(num_modes=config.data.num_modes)
     nets, frozen, init_params = toy_run.build_toy_nets(config, mixture)
-    dataset_factory = lambda state: toy_run.ToyDataset(mixture, local_batch, config.seed,
-                                                       jax.process_index(), state)
+    dataset_factory = lambda state: toy_run.ToyDataset(mixture, batch, config.seed,
+                                                       jax.process_index(), jax.process_count(),
+                                                       state)
   else:
     from uni_instruct_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
@@ -371,17 +373,18 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
 
   detector = None
   if config.eval.every_ticks:
-    if not config.eval.ref or not pathlib.Path(config.eval.ref).is_file():
+    if not config.eval.ref or not paths.workdir_path(config.eval.ref).is_file():
       raise SetupError(f"config.eval.every_ticks needs config.eval.ref; {config.eval.ref!r} is "
                        "not a file")
     detector = load_detector(config, mesh)
 
   # Validation done: persist the resolved config, then build the initial state (compute).
-  workdir.mkdir(parents=True, exist_ok=True)
   config_json = config.to_json_best_effort(indent=2, sort_keys=True)
   config_path = workdir / "config.json"
-  if write_config and (not config_path.exists() or config_path.read_text() != config_json):
-    config_path.write_text(config_json)
+  if jax.process_index() == 0:
+    paths.makedirs(workdir)
+    if write_config and (not config_path.exists() or paths.read_text(config_path) != config_json):
+      paths.write_text(config_path, config_json)
   if checkpointer is None:
     checkpointer = ts.Checkpointer(workdir, config.ckpt.keep)
   if state is None:  # the toy's teacher fit runs here, only for a fresh run

@@ -153,6 +153,9 @@ def main(argv):
   except KeyboardInterrupt as e:  # train.Interrupted says where the last checkpoint is
     print(f"interrupted: {e}" if str(e) else "interrupted", file=sys.stderr, flush=True)
     sys.exit(EXIT_INTERRUPTED)
+  except Exception as e:  # pylint: disable=broad-except
+    parallel.exit_on_peer_failure(e)  # a dead peer: one line, no wait at exit
+    raise
 
 
 def _prepare():

@@ -7,7 +7,6 @@ moved to metrics.jsonl.bad. Each move is announced on one line.
 """
 
 import json
-import os
 import pathlib
 from typing import Any, Dict, List, Tuple
 
@@ -86,7 +85,7 @@ class MetricsLog:
       return
     prepare(self.path, resume_step, fresh)
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self.writer = SummaryWriter(os.fspath(paths.workdir_path(workdir) / "tensorboard"))
+    self.writer = SummaryWriter(paths.tensorboard_dir(paths.workdir_path(workdir) / "tensorboard"))
 
   def write(self, record: Dict[str, Any]) -> None:
     if not self.enabled:

@@ -6,8 +6,11 @@ batch and `global_batch` assembles the global `jax.Array`. `initialize_distribut
 processes of a multi-host job (or fails loudly) before anything touches a device.
 """
 
+import atexit
 import os
 import socket
+import sys
+import threading
 import time
 from typing import Any, Optional
 
@@ -20,10 +23,16 @@ DATA_AXIS = "data"
 MODEL_AXIS = "model"
 # A process that sends no heartbeat for this long counts as dead and the others stop with an
 # error (JAX's default is 100 s).
-HEARTBEAT_TIMEOUT_S = 30
+HEARTBEAT_TIMEOUT_S = 50
 # How long processes wait for each other (and for the coordinator) at start-up: workers of a pod
 # start minutes apart.
 INITIALIZATION_TIMEOUT_S = 300
+# Exit code of a process whose peer died (see `exit_on_peer_failure`, `start_peer_watchdog`).
+EXIT_PEER_LOST = 3
+# The peer watchdog's timeout: below HEARTBEAT_TIMEOUT_S, so its one-line error comes before
+# JAX's fatal abort (a stack dump) for a peer that died while this process waits.
+PEER_TIMEOUT_S = 15
+_BEAT_DIR = "uni_instruct_jax/beat/"
 
 
 class DistributedSetupError(ValueError):
@@ -105,7 +114,73 @@ def initialize_distributed(coordinator_address: Optional[str] = None,
         f"process_id={index}) failed: {lines[0] if lines else type(e).__name__}") from e
   logging.info("process %d of %d (coordinator %s)", jax.process_index(), jax.process_count(),
                address or "auto-detected")
+  start_peer_watchdog()
   return True
+
+
+def _peer_lost(reason: str) -> None:
+  """One `error:` line on stderr and exit EXIT_PEER_LOST at once (no jax.distributed barrier)."""
+  sys.stdout.flush()
+  print(f"error: process {jax.process_index()} of {jax.process_count()}: {reason}; rerun the "
+        "job to resume from the last checkpoint", file=sys.stderr, flush=True)
+  os._exit(EXIT_PEER_LOST)  # pylint: disable=protected-access
+
+
+def start_peer_watchdog(interval_s: float = 2.0, timeout_s: float = PEER_TIMEOUT_S) -> None:
+  """Daemon thread of a multi-process job: publishes a beat in the coordination service's
+  key-value store every interval_s and ends the process through `_peer_lost` when a peer's beat
+  has not changed for timeout_s (it died; the others would otherwise wait in a collective or a
+  checkpoint barrier until JAX aborts them) or the store is unreachable (process 0 died)."""
+  from jax._src import distributed  # pylint: disable=g-import-not-at-top
+  client = distributed.global_state.client
+  if client is None or jax.process_count() == 1:
+    return
+  me = jax.process_index()
+  exiting = threading.Event()
+
+  def on_exit():  # runs before jax.distributed's own exit handler (atexit is LIFO)
+    exiting.set()
+    try:  # a finished process is not a dead one: peers still at work keep going
+      client.key_value_set(f"{_BEAT_DIR}{me}", "exit", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except
+      pass
+  atexit.register(on_exit)
+
+  def watch():
+    changed, beat = {}, 0  # peer -> (last beat seen, local time it changed)
+    while not exiting.is_set():
+      beat += 1
+      try:
+        client.key_value_set(f"{_BEAT_DIR}{me}", str(beat), allow_overwrite=True)
+        beats = dict(client.key_value_dir_get(_BEAT_DIR))
+      except Exception as e:  # pylint: disable=broad-except  # XlaRuntimeError and kin
+        if exiting.is_set():
+          return
+        lines = str(e).strip().splitlines()
+        _peer_lost(f"the coordination service is unreachable ({lines[0] if lines else e!r})")
+      now = time.monotonic()
+      for key, value in beats.items():
+        if changed.get(key, (None,))[0] != value:
+          changed[key] = (value, now)
+      stale = [key.rsplit("/", 1)[-1] for key, (value, t) in changed.items()
+               if value != "exit" and now - t > timeout_s]
+      if stale:
+        _peer_lost(f"process {stale[0]} sent no heartbeat for {timeout_s:g} s (died or "
+                   "unreachable)")
+      time.sleep(interval_s)
+  threading.Thread(target=watch, name="peer-watchdog", daemon=True).start()
+
+
+def exit_on_peer_failure(error: BaseException) -> None:
+  """Ends a multi-process job's process whose collective failed (another process died, was
+  preempted or is unreachable) with one `error:` line and EXIT_PEER_LOST, at once: the normal exit
+  would wait in jax.distributed's shutdown barrier for the dead peer, then abort with a stack dump.
+  Returns (the caller re-raises) for one process and for other errors."""
+  if jax.process_count() == 1 or not isinstance(error, jax.errors.JaxRuntimeError):
+    return
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  _peer_lost("a collective failed, another process of the job died or is unreachable "
+             f"({lines[0] if lines else 'no detail'})")
 
 
 def make_mesh(model_parallelism: int = 1, devices=None) -> Mesh:
@@ -153,6 +228,28 @@ def to_host(tree: Any) -> Any:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
     tree = multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, tree)
+
+
+def process_rows(x: Any) -> np.ndarray:
+  """Rows [p n / P, (p + 1) n / P) of x [n, ...] for this process p of P, as numpy: read from
+  this process's shards of a global array (sharded on axis 0 over a process-major mesh, or
+  replicated), never gathered from other hosts; a numpy x is sliced. n must divide by P."""
+  n, index, count = x.shape[0], jax.process_index(), jax.process_count()
+  if n % count:
+    raise ValueError(f"a batch of {n} rows does not split over {count} processes")
+  lo, hi = index * n // count, (index + 1) * n // count
+  if not isinstance(x, jax.Array):
+    return np.asarray(x[lo:hi])
+  out, filled = np.empty((hi - lo,) + x.shape[1:], x.dtype), np.zeros(hi - lo, bool)
+  for shard in x.addressable_shards:
+    start, stop, _ = shard.index[0].indices(n) if shard.index else (0, n, 1)
+    a, b = max(start, lo), min(stop, hi)
+    if a < b:
+      out[a - lo:b - lo] = np.asarray(shard.data)[a - start:b - start]
+      filled[a - lo:b - lo] = True
+  if not filled.all():
+    raise ValueError(f"process {index} does not hold rows [{lo}, {hi}) of the global array")
+  return out
 
 
 def param_shardings(mesh: Mesh, tree: Any) -> Any:

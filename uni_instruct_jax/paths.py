@@ -7,6 +7,7 @@ epath reads gs:// with tf.io.gfile when TensorFlow is installed, otherwise with 
 the object and `write_text` is atomic by construction there (a temporary file + rename locally).
 """
 
+import io
 import os
 from typing import IO, Union
 
@@ -21,11 +22,11 @@ def is_url(path: PathLike) -> bool:
 
 
 def workdir_path(path: PathLike) -> epath.Path:
-  """epath.Path of a local path ('~' expanded) or a URL kept intact (gs://bucket/run)."""
+  """epath.Path of a local path (absolute, '~' expanded) or a URL kept intact (gs://bucket/run)."""
   text = os.fspath(path)
   if not text:
     raise ValueError("empty path")
-  return epath.Path(text if is_url(text) else os.path.expanduser(text))
+  return epath.Path(text if is_url(text) else os.path.abspath(os.path.expanduser(text)))
 
 
 def makedirs(path: PathLike) -> epath.Path:
@@ -65,3 +66,40 @@ def open_file(path: PathLike, mode: str = "r") -> IO:
   if "a" in mode or "+" in mode:
     raise ValueError(f"open_file mode {mode!r}: use append_text (object stores cannot append)")
   return workdir_path(path).open(mode)
+
+
+class _EventFile:
+  """A TensorBoard event file on an object store: buffered, the object rewritten on flush."""
+
+  def __init__(self, path: str):
+    self.path = path
+    self.buffer = io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    with open_file(self.path, "wb") as f:
+      f.write(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _EventFileFactory:
+  """tensorboardX writer factory for URLs: event files through epath (no google-cloud-storage)."""
+
+  def open(self, path: str) -> _EventFile:
+    return _EventFile(path)
+
+  def directory_check(self, path: str) -> None:
+    del path  # object stores have no directories
+
+
+def tensorboard_dir(path: PathLike) -> str:
+  """The logdir string for tensorboardX.SummaryWriter; URLs are written through epath."""
+  path = workdir_path(path)
+  if is_url(path):
+    from tensorboardX import record_writer  # pylint: disable=g-import-not-at-top
+    record_writer.register_writer_factory(os.fspath(path).split("://")[0], _EventFileFactory())
+  return os.fspath(path)

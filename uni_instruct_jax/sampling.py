@@ -23,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from uni_instruct_jax import parallel
+from uni_instruct_jax import paths
 
 DenoiseFn = Callable[[jnp.ndarray, jnp.ndarray, Optional[jnp.ndarray]], jnp.ndarray]
 
@@ -221,5 +222,7 @@ def save_image_grid(images: Any, path: Union[str, os.PathLike],
                     grid: Optional[Tuple[int, int]] = None) -> None:
   """Writes `image_grid(images, grid)` as a PNG (grayscale for C = 1, RGB for C = 3)."""
   tiled = image_grid(images, grid)
-  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-  Image.fromarray(tiled[..., 0] if tiled.shape[-1] == 1 else tiled).save(path, format="PNG")
+  path = paths.workdir_path(path)  # local or gs://
+  paths.makedirs(path.parent)
+  with paths.open_file(path, "wb") as f:
+    Image.fromarray(tiled[..., 0] if tiled.shape[-1] == 1 else tiled).save(f, format="PNG")

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image, ImageDraw
 
+from uni_instruct_jax import paths
+
 RING_RADIUS = 0.7
 RING_STD = 0.07
 
@@ -230,5 +232,7 @@ def write_scatter_png(path: Union[str, os.PathLike], student: Any, data: Any, *,
       draw.line([px, py - 5, px, py + 5], fill="black", width=2)
   draw.text((6, 4), "data", fill=(40, 90, 220))
   draw.text((6, 16), "student", fill=(220, 40, 40))
-  os.makedirs(os.path.dirname(os.fspath(path)) or ".", exist_ok=True)
-  image.save(path, format="PNG")
+  path = paths.workdir_path(path)  # local or gs://
+  paths.makedirs(path.parent)
+  with paths.open_file(path, "wb") as f:
+    image.save(f, format="PNG")

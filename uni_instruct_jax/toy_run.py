@@ -18,21 +18,30 @@ from uni_instruct_jax.networks import mlp
 
 
 class ToyDataset:
-  """Endless exact samples of a toy mixture; deterministic per (seed, process, batch index)."""
+  """Endless exact samples of a toy mixture in ONE global stream: global batch i is drawn from
+  (seed, i) and process p of P takes its contiguous rows [p B / P, (p + 1) B / P), as data.py does,
+  so the global batch (and a resume) does not depend on the process count."""
 
-  def __init__(self, mixture, local_batch: int, seed: int, process_index: int,
-               state: Optional[Dict[str, Any]] = None):
+  def __init__(self, mixture, global_batch: int, seed: int, process_index: int,
+               process_count: int, state: Optional[Dict[str, Any]] = None):
+    if global_batch % process_count:
+      raise ValueError(f"global batch {global_batch} does not split over {process_count} "
+                       "processes")
     self.mixture = mixture
-    self.local_batch = local_batch
-    self._key = jax.random.fold_in(jax.random.key(seed), process_index)
+    self.global_batch = global_batch
+    self.local_batch = global_batch // process_count
+    self._rows = slice(process_index * self.local_batch, (process_index + 1) * self.local_batch)
+    self._key = jax.random.fold_in(jax.random.key(seed), 0)
     self._index = int((state or {}).get("batch_index", 0))
     self._sample = jax.jit(mixture.sample, static_argnums=1)
     self.label_dim = 0
 
   def next(self) -> Dict[str, np.ndarray]:
-    x = np.asarray(self._sample(jax.random.fold_in(self._key, self._index), self.local_batch))
+    """This process's rows {'image': [B / P, dim], 'label': [B / P, 0]} of the next global batch."""
+    x = self._sample(jax.random.fold_in(self._key, self._index), self.global_batch)
     self._index += 1
-    return {"image": x, "label": np.zeros((self.local_batch, 0), np.float32)}
+    return {"image": np.asarray(x[self._rows]),
+            "label": np.zeros((self.local_batch, 0), np.float32)}
 
   def state(self) -> Dict[str, Any]:
     return {"batch_index": self._index}

@@ -164,7 +164,7 @@ def _train(run: builders.Run) -> Dict[str, Any]:
   if start_step >= run.total_steps and summary_path.exists():
     print(f"run in {workdir} already finished at step {start_step}; nothing to do", flush=True)
     run.checkpointer.close()
-    return json.loads(summary_path.read_text())
+    return json.loads(paths.read_text(summary_path))
 
   extra = {k: run.meta[k] for k in ("init_metric",) if k in run.meta}
   if run.mixture is not None and "init_metric" not in extra:
@@ -239,7 +239,7 @@ def _train(run: builders.Run) -> Dict[str, Any]:
     summary.update(_toy_metrics(run), init_metric=extra["init_metric"])
     eval_run.write_snapshot(run, "scatter.png")
   if jax.process_index() == 0:
-    summary_path.write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    paths.write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")
     print(_summary_text(summary, record, workdir), flush=True)
   log.close()
   run.checkpointer.close()

@@ -7,7 +7,6 @@ the images seen and the base RNG key (raw uint32 key data, so it checkpoints lik
 
 import hashlib
 import json
-import pathlib
 import time
 from typing import Any, Dict, Optional, Tuple
 
@@ -160,9 +159,9 @@ class Checkpointer:
   W/checkpoints-best the best-FID one (keep=1).
   """
 
-  def __init__(self, workdir: pathlib.Path, keep: int, name: str = "checkpoints",
+  def __init__(self, workdir: paths.PathLike, keep: int, name: str = "checkpoints",
                read_only: bool = False):
-    self.directory = pathlib.Path(workdir).resolve() / name
+    self.directory = paths.workdir_path(workdir) / name  # gs:// kept: orbax reads epath
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=not read_only,

@@ -17,15 +17,16 @@ fid-refs lack (mu, sigma only): they are None then; `make_reference` stores a su
 import dataclasses
 import functools
 import json
-import pathlib
 import time
 from typing import Any, Callable, Iterable, Optional, Union
 
 import jax
 import numpy as np
 from absl import logging
+from etils import epath
 
 from uni_instruct_jax import parallel
+from uni_instruct_jax import paths
 from uni_instruct_jax.evaluation import fid as fid_lib
 from uni_instruct_jax.evaluation import inception
 from uni_instruct_jax.evaluation import proxy
@@ -80,7 +81,7 @@ def load_detector(kind: str, path=None, resize_mode: Optional[str] = "tf", mesh=
   if kind == "inception":
     if resize_mode not in inception.RESIZE_MODES:
       raise ValueError(f"resize_mode must be one of {inception.RESIZE_MODES}, got {resize_mode!r}")
-    if not path or not pathlib.Path(path).is_file():
+    if not path or not paths.workdir_path(path).is_file():
       raise InceptionWeightsMissing(_missing_weights_message(path))
     variables = jax.device_put(inception.load_inception_params(path), parallel.replicated(mesh))
     fc_bias = np.asarray(variables["params"]["fc"]["bias"])
@@ -246,7 +247,7 @@ def make_reference(detector: Detector, batches: Batches, out_path, num_samples=N
 
   Proxy references may not carry 'fid' in their file name (they are not FID statistics).
   """
-  out_path = pathlib.Path(out_path)
+  out_path = paths.workdir_path(out_path)
   if detector.kind == "proxy" and "fid" in out_path.name.lower():
     raise ValueError(f"{out_path.name}: proxy ({proxy.METRIC_NAME}) statistics are not FID "
                      "statistics; choose a file name without 'fid' (e.g. cifar10-proxy_resnet56.npz)")
@@ -254,7 +255,7 @@ def make_reference(detector: Detector, batches: Batches, out_path, num_samples=N
                              allow_rank_deficient=allow_rank_deficient, seed=seed,
                              progress=progress)
   if jax.process_index() == 0:
-    out_path.parent.mkdir(parents=True, exist_ok=True)
+    paths.makedirs(out_path.parent)
     fid_lib.save_statistics(out_path, stats)
   return stats
 
@@ -268,17 +269,16 @@ def eval_json_name(kimg: int, result: dict) -> str:
   return f"eval-{tag}{kimg:06d}.json"
 
 
-def write_eval_json(workdir, kimg: int, result: dict) -> pathlib.Path:
+def write_eval_json(workdir, kimg: int, result: dict) -> epath.Path:
   """Writes W/eval-<kimg>.json and appends {'kimg': kimg, **result} to W/metrics.jsonl.
 
   Only process 0 writes; returns the JSON path.
   """
-  workdir = pathlib.Path(workdir)
+  workdir = paths.workdir_path(workdir)
   path = workdir / eval_json_name(kimg, result)
   record: dict[str, Any] = {"kimg": int(kimg), **result}
   if jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
-    with open(workdir / "metrics.jsonl", "a") as f:
-      f.write(json.dumps(record, allow_nan=False) + "\n")
+    paths.makedirs(workdir)
+    paths.write_text(path, json.dumps(result, indent=2, allow_nan=False) + "\n")
+    paths.append_text(workdir / "metrics.jsonl", json.dumps(record, allow_nan=False) + "\n")
   return path

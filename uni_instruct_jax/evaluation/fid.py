@@ -14,7 +14,7 @@ Conventions follow EDM (`fid.py`) and StyleGAN2-ADA/StyleGAN3 (`metrics/`):
 """
 
 import dataclasses
-import pathlib
+import io
 import zipfile
 import zlib
 from typing import Optional
@@ -23,6 +23,8 @@ import numpy as np
 import scipy.linalg
 import scipy.special
 from absl import logging
+
+from uni_instruct_jax import paths
 
 
 class StatisticsError(ValueError):
@@ -152,7 +154,7 @@ def save_statistics(path, stats: FeatureStatistics) -> None:
     arrays["features"] = np.asarray(stats.features, np.float32)
   for key, value in stats.metadata.items():
     arrays[f"meta_{key}"] = np.asarray(value)
-  with open(path, "wb") as f:
+  with paths.open_file(path, "wb") as f:
     np.savez(f, **arrays)
 
 
@@ -163,11 +165,11 @@ def load_statistics(path) -> FeatureStatistics:
   anything that is not such a statistics file: not an .npz, pickled or non-numeric arrays, missing
   or mis-shaped mu [D] / sigma [D, D], non-finite values, non-scalar metadata, bad features.
   """
-  path = pathlib.Path(path)
+  path = paths.workdir_path(path)
   if not path.is_file():
     raise FileNotFoundError(f"reference statistics not found: {path}")
   try:
-    loaded = np.load(path, allow_pickle=False)
+    loaded = np.load(io.BytesIO(path.read_bytes()), allow_pickle=False)
     if not isinstance(loaded, np.lib.npyio.NpzFile):
       raise ValueError("a single .npy array, not an .npz archive")
     with loaded as z:

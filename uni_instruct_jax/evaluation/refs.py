@@ -7,9 +7,9 @@
 fid-refs record none, so only their feature dimension can be checked.
 """
 
-import pathlib
 from typing import Optional
 
+from uni_instruct_jax import paths
 from uni_instruct_jax.evaluation import evaluate
 from uni_instruct_jax.evaluation import fid
 
@@ -22,7 +22,7 @@ def check_reference(path, detector: evaluate.Detector,
   is not a statistics .npz (mu [D], sigma [D, D]), has another feature dimension than the
   detector, or records another detector / resize mode / resolution. resolution None: not checked.
   """
-  if not path or not pathlib.Path(path).is_file():
+  if not path or not paths.workdir_path(path).is_file():
     raise fid.StatisticsError(f"config.eval.ref {str(path)!r} is not a file (need a reference "
                               "statistics .npz: EDM's fid-refs, or one made with --mode=ref)")
   try:

@@ -3,19 +3,20 @@ FID of the EMA generator during training (best state kept in W/checkpoints-best)
 progress lines on stderr (process 0; `progress.Progress`)."""
 
 import json
-import pathlib
 from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from etils import epath
 
 from uni_instruct_jax import builders
 from uni_instruct_jax import image_folder
 from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import parallel
 from uni_instruct_jax import progress as progress_lib
+from uni_instruct_jax import paths
 from uni_instruct_jax import sampling
 from uni_instruct_jax import train_state as ts
 from uni_instruct_jax.evaluation import evaluate as ev
@@ -23,10 +24,11 @@ from uni_instruct_jax.evaluation import fid as fid_lib
 from uni_instruct_jax.evaluation import refs
 
 
-def _jitted(run: builders.Run, name: str, fn: Callable) -> Callable:
-  """jax.jit(fn), made once per run under `name`, so snapshots and evaluations compile once."""
+def _jitted(run: builders.Run, name: str, fn: Callable, **jit_kwargs) -> Callable:
+  """jax.jit(fn, **jit_kwargs), made once per run under `name`, so snapshots and evaluations
+  compile once."""
   if name not in run.jit_cache:
-    run.jit_cache[name] = jax.jit(fn)
+    run.jit_cache[name] = jax.jit(fn, **jit_kwargs)
   return run.jit_cache[name]
 
 
@@ -47,7 +49,7 @@ def sample_ema(run: builders.Run, num: int, seed: int) -> np.ndarray:
   return parallel.to_host(sample_fn(run.state.ema_params, run.frozen["buffers"], z, labels))
 
 
-def write_snapshot(run: builders.Run, name: str) -> pathlib.Path:
+def write_snapshot(run: builders.Run, name: str) -> epath.Path:
   """PNG of EMA generator samples: an image grid, or a student-vs-data scatter for the toy."""
   if jax.process_index() != 0:
     return run.workdir / name
@@ -64,7 +66,7 @@ def write_snapshot(run: builders.Run, name: str) -> pathlib.Path:
   return path
 
 
-def write_sample_folder(run: builders.Run, out_dir: str) -> pathlib.Path:
+def write_sample_folder(run: builders.Run, out_dir: str) -> epath.Path:
   """EMA-generator images of seeds sample.seed ... sample.seed + sample.num_samples - 1 as an EDM
   generate.py folder (image_folder: OUT/000000/000000.png ..., labels in OUT/dataset.json), which
   EDM's fid.py reads. Process 0 generates and writes alone (all processes gather the parameters).
@@ -74,7 +76,7 @@ def write_sample_folder(run: builders.Run, out_dir: str) -> pathlib.Path:
   if jax.process_count() > 1:  # process 0's jit below must not need the other hosts' shards
     params, buffers = parallel.to_host((params, buffers))
   if jax.process_index() != 0:
-    return pathlib.Path(out_dir)
+    return paths.workdir_path(out_dir)
   gen = _jitted(run, "generate_uint8", lambda p, b, z, l: sampling.to_uint8(nets_lib.generate(
       run.nets, p, b, z, l, run.config.training.sigma_init)))
   try:
@@ -87,12 +89,12 @@ def write_sample_folder(run: builders.Run, out_dir: str) -> pathlib.Path:
     raise builders.SetupError(f"--config.sample.outdir: {e}") from e
 
 
-def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+def sample(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   """--mode=sample: EMA generator samples of the latest checkpoint of `workdir`: with
   config.sample.outdir, config.sample.num_samples PNGs in EDM's generate.py layout there
   (`write_sample_folder`); otherwise a PNG (grid, or toy scatter) plus an .npz of the raw samples
   in the workdir."""
-  if not (pathlib.Path(workdir) / "checkpoints").exists():
+  if not (paths.workdir_path(workdir) / "checkpoints").exists():
     raise builders.SetupError(f"no checkpoints in --workdir {workdir}; train first")
   if config.sample.outdir and config.data.source == "toy":
     raise builders.SetupError("--config.sample.outdir writes images; the toy's samples are 2-D "
@@ -106,7 +108,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
     return out
   samples = sample_ema(run, config.sample.num_samples, config.sample.seed)
   out = run.workdir / f"samples-{step:08d}.npz"
-  np.savez(out, samples=samples, step=step)
+  if jax.process_index() == 0:
+    with paths.open_file(out, "wb") as f:
+      np.savez(f, samples=samples, step=step)
   png = write_snapshot(run, f"samples-{step:08d}.png")
   run.checkpointer.close()
   print(f"wrote {out} and {png}", flush=True)
@@ -114,22 +118,27 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
 
 
 def _generator_batches(run: builders.Run, params: Any, num: int, batch_size: int, seed: int):
-  """uint8 [batch_size, H, W, C] one-step samples of `params`; batch i uses key fold_in(seed, i)
-  for its latents and (conditional nets) random labels, so every evaluation sees the same seeds."""
+  """This process's rows (parallel.process_rows) of uint8 [batch_size, H, W, C] one-step samples
+  of `params`, generated batch-sharded where batch_size divides by the 'data' axis; batch i uses
+  key fold_in(seed, i) for its latents and (conditional nets) random labels, so every evaluation
+  sees the same seeds. No image leaves its host: the detector gathers only features."""
   def gen(p, buffers, key):
     denoise = lambda x, s, c: nets_lib.apply(run.nets.gen, p, buffers, x, s, c, train=False,
                                              key=None)
     return sampling.to_uint8(sampling.one_step_generate(
         denoise, key, batch_size, run.nets.data_shape, label_dim=run.nets.label_dim,
         sigma_init=run.config.training.sigma_init))
-  gen = _jitted(run, f"generate_uint8_{batch_size}", gen)
+  sharded = batch_size % parallel.data_size(run.mesh) == 0
+  out = parallel.data_sharding(run.mesh) if sharded else parallel.replicated(run.mesh)
+  gen = _jitted(run, f"generate_uint8_{batch_size}", gen, out_shardings=out)
   for i in range(-(-num // batch_size)):
-    yield parallel.to_host(gen(params, run.frozen["buffers"],
-                               jax.random.fold_in(jax.random.key(seed), i)))
+    yield parallel.process_rows(gen(params, run.frozen["buffers"],
+                                    jax.random.fold_in(jax.random.key(seed), i)))
 
 
 def _teacher_batches(run: builders.Run, num: int, batch_size: int, seed: int, num_steps: int):
-  """uint8 batches of the teacher's Heun sampler with `num_steps` steps (2 N - 1 NFE)."""
+  """This process's rows of uint8 batches of the teacher's Heun sampler with `num_steps` steps
+  (2 N - 1 NFE)."""
   def sample_fn(tv, key):
     k_x, k_c = jax.random.split(key)
     latents = jax.random.normal(k_x, (batch_size,) + run.nets.data_shape, jnp.float32)
@@ -138,12 +147,13 @@ def _teacher_batches(run: builders.Run, num: int, batch_size: int, seed: int, nu
         lambda x, s, c: run.nets.teacher(tv, x, s, c), latents, labels, num_steps=num_steps))
   sample_fn = jax.jit(sample_fn)
   for i in range(-(-num // batch_size)):
-    yield np.asarray(sample_fn(run.frozen["teacher"], jax.random.fold_in(jax.random.key(seed), i)))
+    yield parallel.process_rows(sample_fn(run.frozen["teacher"],
+                                          jax.random.fold_in(jax.random.key(seed), i)))
 
 
 def _folder_batches(config, path: str = ""):
-  """(dataset, uint8 batch iterable factory) over every image of config.data, or of the folder /
-  zip at `path` when given, unshuffled."""
+  """(dataset, factory of this process's rows of uint8 batches) over every image of config.data,
+  or of the folder / zip at `path` when given, unshuffled."""
   from uni_instruct_jax import data as data_lib  # pylint: disable=g-import-not-at-top
   data_config = ml_collections.ConfigDict(config.data.to_dict())
   if path:
@@ -153,7 +163,8 @@ def _folder_batches(config, path: str = ""):
     dataset = data_lib.create_dataset(data_config, 1, 0, 0, 1)
   except (ValueError, OSError) as e:
     raise builders.SetupError(f"cannot open images {path or data_config.path!r}: {e}") from e
-  return dataset, lambda: dataset.uint8_batches(config.eval.batch_size)
+  return dataset, lambda: map(parallel.process_rows,
+                              dataset.uint8_batches(config.eval.batch_size))
 
 
 def _fid_of(run: builders.Run, detector, params: Any) -> Dict[str, Any]:
@@ -196,7 +207,7 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
     result["source"] = str(cfg.images)
     ev.write_eval_json(workdir, 0, result)
     return result
-  if not cfg.teacher_steps and not (pathlib.Path(workdir) / "checkpoints").exists():
+  if not cfg.teacher_steps and not (paths.workdir_path(workdir) / "checkpoints").exists():
     raise builders.SetupError(f"no checkpoints in --workdir {workdir}; train first (or set "
                      "config.eval.teacher_steps / config.eval.images)")
   run = builders.setup(config, workdir, write_config=False)
@@ -214,12 +225,12 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> Dict[str, Any]:
   return result
 
 
-def make_reference(config: ml_collections.ConfigDict, workdir: str) -> pathlib.Path:
+def make_reference(config: ml_collections.ConfigDict, workdir: str) -> epath.Path:
   """--mode=ref: reference statistics of config.data's images (or eval.images) as
   W/<detector>-ref.npz (mu, sigma, metadata, a feature subset for KID/precision/recall)."""
   detector = builders.load_detector(config, parallel.make_mesh())
   dataset, batches = _folder_batches(config, config.eval.images)
-  out = pathlib.Path(workdir) / f"{detector.name}-ref.npz"
+  out = paths.workdir_path(workdir) / f"{detector.name}-ref.npz"
   try:
     ev.make_reference(detector, batches, out, progress=_progress("ref", dataset.num_examples))
   except ValueError as e:
