@@ -23,7 +23,8 @@ from uni_instruct_jax import data
 from uni_instruct_jax import divergences
 
 F = config_schema.Field
-_METHODS = ("uni_instruct", "sid", "sida", "diff_instruct", "dmd", "f_distill")
+_METHODS = ("uni_instruct", "sid", "sida", "sid2a", "diff_instruct", "dmd", "dmd2", "f_distill",
+            "sim")
 _POS, _NONNEG, _COUNT, _PROB = "(0, inf)", "[0, inf)", "[1, inf)", "[0, 1]"
 
 SCHEMA = {
@@ -117,8 +118,10 @@ SCHEMA = {
     "network.kwargs.hidden": F(tuple, "MLPPrecond hidden layer widths", "[1, 65536]"),
     "network.kwargs.emb_channels": F(int, "MLPPrecond noise-embedding width", _COUNT),
 
-    "generator.init": F("teacher", "generator init: the teacher's weights, or SiD-init",
-                        ("teacher", "sid")),
+    "generator.init": F("teacher", "generator init: the teacher's weights, SiD-init, or from "
+                        "scratch (generator.network)", ("teacher", "sid", "scratch")),
+    "generator.network": F("", "generator architecture: '' = the teacher's, or a registered "
+                           "(z, labels) -> x module (networks/generators.py)", ("", "mlp", "dcgan")),
     "generator.sid_path": F("", "distilled EDM-format checkpoint for init 'sid'"),
 
     # Fake score network (+ discriminator = its encoder); augmentation applies to its inputs.
@@ -162,6 +165,10 @@ SCHEMA = {
     "loss.sid_kimg": F(200.0, "SiD-only generator loss (no GAN) until here", _NONNEG),
     "loss.tmax": F(800, "generator noise t ~ U[0, tmax/1000] on EDM's Karras schedule",
                    "(0, 1000]"),
+    "loss.disc_sigma_law": F("", "discriminator noise law: '' = by loss.mode ('fake' if official, "
+                             "'mixture' if exact), 'fake' ln sigma ~ N(-1.2, 1.2^2), 'generator' "
+                             "the generator's Karras sigma, 'mixture' half each",
+                             ("", "fake", "generator", "mixture")),
     "loss.scale": F(100.0, "generator loss scaling (the recipe's lsg) of the batch mean", _POS),
     # Extra losses.method_options(...) overrides (empty by default).
     "loss.overrides.ratio_source": F(str, "density ratio from the discriminator: exp(logit), or "
@@ -173,6 +180,12 @@ SCHEMA = {
     "loss.overrides.normalize_h": F(bool, "'di' mode: divide h(r) by its batch mean"),
     "loss.overrides.gan_weight": F(float, "weight of the generator GAN term", _NONNEG),
     "loss.overrides.weight": F(float, "weight of the divergence term", _NONNEG),
+    "loss.overrides.normalizer": F(str, "normaliser of 'exact' / 'sim': per-sample w_f, or "
+                                   "losses.sigma_normalizer (keeps the gradient exact)",
+                                   ("w_f", "sigma")),
+    "loss.overrides.gan_normalize": F(bool, "divide the GAN term by w_f (default: by mode)"),
+    "loss.overrides.sim_distance": F(str, "SIM distance", ("pseudo_huber", "squared_l2")),
+    "loss.overrides.sim_c": F(float, "SIM pseudo-Huber c", _POS),
 
     "optim.lr": F(1e-5, "fake-score (and discriminator) Adam learning rate", _POS),
     "optim.gen_lr": F(1e-5, "generator Adam learning rate", _POS),

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# A special case on CIFAR-10 uncond: METHOD=sid|sida|diff_instruct|dmd|f_distill (default sid).
+# A special case on CIFAR-10 uncond: METHOD=sid|sida|diff_instruct|dmd|dmd2|f_distill|sim (default sid; sid2a also
+# needs --config.generator.init=sid --config.generator.sid_path=...). No paper number is claimed for these runs.
 # Usage: [METHOD=sid] TEACHERS=... DATASETS=... [RUNS=runs] [INCEPTION=... FID_REFS=...] launch/cifar10_special_case.sh [--config.x=y ...]
 source "$(dirname "$0")/common.sh"
 METHOD="${METHOD:-sid}"

@@ -11,12 +11,14 @@ from typing import Any, Callable, Dict, Tuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 from absl import logging
 from etils import epath
 
 from uni_instruct_jax import augment as augment_lib
 from uni_instruct_jax import config_schema
 from uni_instruct_jax import divergences
+from uni_instruct_jax import losses
 from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import parallel
 from uni_instruct_jax import paths
@@ -74,7 +76,9 @@ def step_config(config: ml_collections.ConfigDict) -> steps.StepConfig:
       option_overrides=tuple(sorted(config.loss.overrides.to_dict().items())),
       fake_grad_clip=config.optim.fake_grad_clip,
       ema_halflife_kimg=config.ema.halflife_kimg,
-      ema_rampup=config.ema.rampup_ratio if config.ema.rampup_ratio else None)
+      ema_rampup=config.ema.rampup_ratio if config.ema.rampup_ratio else None,
+      disc_sigma_law=config.loss.disc_sigma_law,
+      fake_updates_per_gen=losses.method_settings(config.loss.method)["fake_updates_per_gen"])
 
 
 def make_optimizers(config: ml_collections.ConfigDict):
@@ -205,14 +209,75 @@ def build_image_nets(config, dataset=None):
     if jax.tree.structure(sid_vars["params"]) != jax.tree.structure(gen_params):
       raise SetupError(f"SiD-init generator {path!r} does not have the teacher's architecture")
     gen_params = sid_vars["params"]
-  elif config.generator.init != "teacher":
-    raise SetupError(f"config.generator.init must be teacher|sid, got {config.generator.init!r}")
+  elif config.generator.init not in ("teacher", "scratch"):
+    raise SetupError(f"config.generator.init must be teacher|sid|scratch, got "
+                     f"{config.generator.init!r}")
 
   def init_params(key):
     del key
     return gen_params, variables["params"]  # the fake score always starts from the teacher
 
   return nets, {"teacher": teacher_vars, "buffers": buffers}, init_params
+
+
+def _check_generator(config) -> None:
+  """SetupError unless generator.network / generator.init / loss.method agree: a registered
+  network starts from scratch, the teacher's architecture from the teacher or a SiD generator,
+  and sid2a needs init 'sid'."""
+  network, init = config.generator.network, config.generator.init
+  if network and init != "scratch":
+    raise SetupError(f"config.generator.network {network!r} is trained from scratch: set "
+                     f"config.generator.init='scratch' (got {init!r})")
+  if not network and init == "scratch":
+    raise SetupError("config.generator.init='scratch' needs config.generator.network")
+  if losses.method_settings(config.loss.method)["generator_init"] == "sid" and init != "sid":
+    raise SetupError(f"config.loss.method {config.loss.method!r} starts from a SiD-distilled "
+                     f"generator: set config.generator.init='sid' and generator.sid_path")
+
+
+def with_generator_network(config, nets: nets_lib.Nets, init_params: Callable):
+  """(nets, init_params) with the generator replaced by config.generator.network (from scratch;
+  the fake score keeps the teacher's architecture); unchanged when it is ''."""
+  if not config.generator.network:
+    return nets, init_params
+  from uni_instruct_jax.networks import generators  # pylint: disable=g-import-not-at-top
+  try:
+    module = generators.build_generator(config.generator.network, nets.data_shape)
+  except ValueError as e:
+    raise SetupError(f"config.generator.network: {e}") from e
+
+  def init(key):
+    _, fake = init_params(key)
+    return generators.init_generator(module, jax.random.fold_in(key, 1), nets.label_dim), fake
+
+  return dataclasses.replace(nets, gen=module, gen_is_denoiser=False), init
+
+
+class LabelDataset:
+  """The batches of a data-free run: {'label': uniform one-hot [B / P, label_dim]} (the fake-score
+  step's labels; [B / P, 0] when unconditional). One global stream, as data.py: global batch i is
+  drawn from (seed, i) and process p of P takes its contiguous rows, so the batches (and a resume)
+  do not depend on the process count."""
+
+  def __init__(self, label_dim: int, global_batch: int, seed: int, process_index: int,
+               process_count: int, state: Dict[str, Any] = None):
+    self.label_dim = label_dim
+    self.local_batch = global_batch // process_count
+    self._global_batch = global_batch
+    self._rows = slice(process_index * self.local_batch, (process_index + 1) * self.local_batch)
+    self._seed = seed
+    self._index = int((state or {}).get("batch_index", 0))
+
+  def next(self) -> Dict[str, np.ndarray]:
+    rng = np.random.default_rng((self._seed, self._index))
+    self._index += 1
+    if not self.label_dim:
+      return {"label": np.zeros((self.local_batch, 0), np.float32)}
+    classes = rng.integers(0, self.label_dim, self._global_batch)[self._rows]
+    return {"label": np.eye(self.label_dim, dtype=np.float32)[classes]}
+
+  def state(self) -> Dict[str, Any]:
+    return {"batch_index": self._index}
 
 
 def load_detector(config, mesh):
@@ -319,6 +384,11 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
   if (workdir / "checkpoints").exists():
     checkpointer = ts.Checkpointer(workdir, config.ckpt.keep, read_only=not write_config)
 
+  _check_generator(config)
+  try:
+    reads_data = any(losses.reads_discriminator(o) for o in steps.phase_options(step_cfg))
+  except (ValueError, KeyError) as e:
+    raise SetupError(f"config.loss: {e}") from e
   mixture = None
   if config.teacher.source == "toy":
     from uni_instruct_jax import toy, toy_run  # pylint: disable=g-import-not-at-top
@@ -327,6 +397,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
     dataset_factory = lambda state: toy_run.ToyDataset(mixture, batch, config.seed,
                                                        jax.process_index(), jax.process_count(),
                                                        state)
+  elif not reads_data:
+    if jax.process_index() == 0:
+      print("data-free run: no phase reads real data (no discriminator), config.data is not read; "
+            "labels are uniform classes", flush=True)
+    nets, frozen, init_params = build_image_nets(config, None)
+    dataset_factory = lambda state: LabelDataset(nets.label_dim, batch, config.seed,
+                                                 jax.process_index(), jax.process_count(), state)
   else:
     from uni_instruct_jax import data as data_lib  # pylint: disable=g-import-not-at-top
 
@@ -338,6 +415,7 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
         raise SetupError(f"cannot open dataset {config.data.path!r}: {e}") from e
     dataset = dataset_factory(None)
     nets, frozen, init_params = build_image_nets(config, dataset)
+  nets, init_params = with_generator_network(config, nets, init_params)
 
   gen_tx, fake_tx = make_optimizers(config)
   augment_pipe = make_augment_pipe(config)

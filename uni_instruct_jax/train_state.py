@@ -26,7 +26,8 @@ class TrainState:
 
   gen_params / ema_params / fake_params: network 'params' trees (float32).
   gen_opt / fake_opt: optax states. step: int32 scalar (updates done). images_seen: int64-free
-  int32 count of real images consumed (global). rng: uint32[2] raw key data.
+  int32 count of real images consumed (global). rng: uint32[2] raw key data. disc_updates: int32
+  count of discriminator updates (0 while it has never trained; steps checks every ratio read).
   """
   gen_params: Any
   ema_params: Any
@@ -36,6 +37,7 @@ class TrainState:
   step: jnp.ndarray
   images_seen: jnp.ndarray
   rng: jnp.ndarray
+  disc_updates: jnp.ndarray
 
 
 def make_optimizer(lr: float, b1: float, b2: float, eps: float) -> optax.GradientTransformation:
@@ -54,7 +56,8 @@ def create_state(gen_params: Any, fake_params: Any, gen_tx: optax.GradientTransf
       fake_opt=fake_tx.init(fake_params),
       step=jnp.zeros((), jnp.int32),
       images_seen=jnp.zeros((), jnp.int32),
-      rng=jax.random.key_data(jax.random.key(seed)))
+      rng=jax.random.key_data(jax.random.key(seed)),
+      disc_updates=jnp.zeros((), jnp.int32))
 
 
 def ema_beta(batch_size: int, images_seen: jnp.ndarray, halflife_kimg: float,
