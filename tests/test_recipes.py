@@ -35,9 +35,9 @@ def load_config(name, **overrides):
 
 
 def toy_config(**overrides):
-  return load_config("toy2d.py", teacher__fit_steps=10, training__batch_size=32,
-                     network__kwargs=dict(hidden=(32, 32), emb_channels=16, dropout=0.0),
-                     **overrides)
+  return load_config("toy2d.py", **{**dict(
+      teacher__fit_steps=10, training__batch_size=32,
+      network__kwargs=dict(hidden=(32, 32), emb_channels=16, dropout=0.0)), **overrides})
 
 
 def main_options(config):
