@@ -118,19 +118,19 @@ def _get(config, key: str) -> Any:
 
 
 def base_config(grid: str, steps: int = 0, settings: Optional[Dict[str, Any]] = None):
-  """The grid's config: its file, optionally shortened to `steps` generator steps (every kimg
-  knob of SCALED_KIMG scaled alike), then `settings` (dotted key -> value)."""
+  """The grid's config: its file with `settings` (dotted key -> value), then optionally
+  shortened to `steps` generator steps (every kimg knob of SCALED_KIMG scaled alike)."""
   if grid not in GRID_CONFIGS:
     raise CompareError(f"--grid must be one of {sorted(GRID_CONFIGS)}, got {grid!r}")
   config = runpy.run_path(str(ROOT / GRID_CONFIGS[grid]))["get_config"]()
+  for key, value in (settings or {}).items():
+    _set(config, key, value)
+  if steps < 0:
+    raise CompareError(f"--steps must be >= 0, got {steps}")
   if steps:
-    if steps < 1:
-      raise CompareError(f"--steps must be >= 1, got {steps}")
     factor = steps * config.training.batch_size / 1000 / config.training.total_kimg
     for key in SCALED_KIMG:
       _set(config, key, _get(config, key) * factor)
-  for key, value in (settings or {}).items():
-    _set(config, key, value)
   return config
 
 
@@ -176,7 +176,8 @@ def run_grid(grid: str, out: pathlib.Path, steps: int = 0, settings: Optional[Di
   from uni_instruct_jax import train  # pylint: disable=g-import-not-at-top
   gdir = out / grid
   gdir.mkdir(parents=True, exist_ok=True)
-  record = {"grid": grid, "config": GRID_CONFIGS[grid], "steps": steps, "settings": settings or {}}
+  record = json.loads(json.dumps({"grid": grid, "config": GRID_CONFIGS[grid], "steps": steps,
+                                  "settings": settings or {}}))  # tuples as JSON lists
   grid_json = gdir / "grid.json"
   if grid_json.exists() and json.loads(grid_json.read_text()) != record:
     raise CompareError(f"{gdir} holds a grid run with other settings "
