@@ -107,3 +107,19 @@ def test_compare_end_to_end_on_a_tiny_image_mixture(tmp_path, monkeypatch):
           "summary.json").stat().st_mtime_ns == mtime
   # Another grid setting in the same --out is refused.
   assert compare.main(argv[:-1] + ["--set=training.batch_size=64"]) == 2
+
+
+def test_effective_clip_per_row():
+  base = compare.base_config("toy2d")
+  clips = {r.name: compare.effective_clip(compare.row_config(base, r, 0))
+           for r in compare.grid_rows("toy2d")}
+  assert clips["SiD (alpha 1.2)"] == clips["UI exact reverse_kl"] == "r unused"
+  assert clips["f-distill forward_kl"] == clips["UI official jeffreys"] == "[0.25, 4]"
+  assert clips["UI exact jeffreys unclipped"] == "none"
+
+
+def test_setup_reports_bad_image_mixture_data_as_setup_error(tmp_path):
+  from uni_instruct_jax import builders  # pylint: disable=g-import-not-at-top
+  config = compare.base_config("image_mixture", settings={"data.path": str(tmp_path / "no.zip")})
+  with pytest.raises(builders.SetupError, match=r"^config.data: image zip .* does not exist"):
+    builders.setup(config, str(tmp_path / "wd"))

@@ -146,14 +146,15 @@ def row_config(base, row: Row, seed: int):
 
 
 def effective_clip(config) -> str:
-  """The ratio clip a row's generator loss uses (the config's override, else the preset's)."""
+  """The ratio clip a row's generator loss uses (the config's override, else the preset's);
+  'r unused' when its divergence term never reads the density ratio (reverse KL)."""
   from uni_instruct_jax import losses, steps  # pylint: disable=g-import-not-at-top
-  if "ratio_clip" in config.loss.overrides:
-    clip = config.loss.overrides.ratio_clip
-  else:
-    preset = steps.loss_preset(config.loss.method, config.loss.mode)
-    div = config.loss.divergence if preset in losses.DIVERGENCE_METHODS else None
-    clip = losses.method_options(preset, div).get("ratio_clip")
+  preset = steps.loss_preset(config.loss.method, config.loss.mode)
+  div = config.loss.divergence if preset in losses.DIVERGENCE_METHODS else None
+  options = losses.method_options(preset, div, **config.loss.overrides.to_dict())
+  if options["divergence"] == "reverse_kl" or options.get("mode") == "sim":
+    return "r unused"
+  clip = options.get("ratio_clip")
   return "none" if clip is None else f"[{clip[0]:g}, {clip[1]:g}]"
 
 
@@ -247,11 +248,12 @@ def _load_rows(gdir: pathlib.Path, grid: str) -> List[Tuple[Row, List[Dict[str, 
   return out
 
 
-def _knob_cells(row: Row, runs: List[Dict[str, Any]], steps: int) -> List[str]:
-  info = runs[0]["row"] if runs else {}
-  lr = f"{info['gen_lr']:g} / {info['lr']:g}" if info else "–"
-  return [row.name, row.method, row.mode, row.divergence, info.get("ratio_clip", "–"), lr,
-          str(steps), f"{len(runs)}/{row.seeds}"]
+def _knob_cells(row: Row, runs: List[Dict[str, Any]], base) -> List[str]:
+  """The row's knobs (from its config, as run_grid builds it) and its finished seeds."""
+  config = row_config(base, row, 0)
+  steps = int(round(config.training.total_kimg * 1000 / config.training.batch_size))
+  return [row.name, row.method, row.mode, row.divergence, effective_clip(config),
+          f"{config.optim.gen_lr:g} / {config.optim.lr:g}", str(steps), f"{len(runs)}/{row.seeds}"]
 
 
 KNOB_HEADER = ["row", "method", "mode", "divergence", "ratio clip", "lr gen / fake", "steps",
@@ -268,9 +270,16 @@ def _commits(loaded) -> str:
   return ", ".join(f"`{c}`" for c in commits) or "none"
 
 
+def _config_steps(grid: str, settings: Optional[Dict[str, Any]] = None) -> int:
+  """Generator steps of the grid's config (with settings) at its own run length."""
+  config = base_config(grid, 0, settings)
+  return int(round(config.training.total_kimg * 1000 / config.training.batch_size))
+
+
 def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.Path,
                    steps: int) -> List[str]:
   loaded = _load_rows(gdir, "toy2d")
+  base = base_config("toy2d", record["steps"], record["settings"])
   runs_all = [r for _, runs, _ in loaded for r in runs]
   lines, findings, targets = [], [], []
   teacher = runs_all[0]["teacher_metric"] if runs_all else None
@@ -278,7 +287,7 @@ def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
     w2 = [r["student_metric"] for r in runs]
     ratio = [v / teacher for v in w2] if teacher else []
     modes = [r["student_modes_covered"] for r in runs]
-    lines.append(_knob_cells(row, runs, steps) + [
+    lines.append(_knob_cells(row, runs, base) + [
         _stat(w2, ".4f"), _stat(ratio, ".2f"), _stat(modes, ".1f"),
         _stat([r["init_metric"] for r in runs], ".4f"), str(failed)])
     if runs:
@@ -291,8 +300,14 @@ def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
     png = gdir / row_id(row, 0) / "scatter.png"
     if png.exists():
       shutil.copyfile(png, figures / f"toy2d-{row_id(row, 0)}.png")
+  ranked = sorted((np.mean([r["student_metric"] for r in runs]), row.name)
+                  for row, runs, _ in loaded if runs)
+  if len(ranked) > 1:
+    findings.append(f"Lowest mean sliced W2: {ranked[0][1]} ({ranked[0][0]:.4f}); highest: "
+                    f"{ranked[-1][1]} ({ranked[-1][0]:.4f}).")
   out = ["## toy2d: the 2-D ring of 8 Gaussians", "",
-         f"Config `{record['config']}`, {steps} generator steps per row (batch 256), settings "
+         f"Config `{record['config']}` ({_config_steps('toy2d')} steps as shipped), "
+         f"{steps} generator steps per row (batch 256), settings "
          f"{json.dumps(record['settings'])}. Sliced W2 over 256 directions of 20,000 EMA-student "
          f"samples vs exact samples; the exact teacher's 35-NFE Heun sampler scores "
          f"{teacher if teacher is None else format(teacher, '.4f')}. Rows ran at commit(s) "
@@ -302,7 +317,9 @@ def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
          "Target (every divergence within 1.5x of the teacher's sliced W2):", ""]
   out += [f"- {t}" for t in targets] or ["- no finished rows yet"]
   out += ["", "Findings the table supports:", ""]
-  out += [f"- {f}" for f in findings] or ["- every finished row covers all 8 modes."]
+  if not any("misses modes" in f for f in findings) and runs_all:
+    findings.insert(0, "Every finished row covers all 8 modes in every seed.")
+  out += [f"- {f}" for f in findings] or ["- no finished rows yet."]
   out += ["", "Scatter plots (seed 0; red student, blue data): "
           + ", ".join(f"[{row.name}](results/toy2d-{row_id(row, 0)}.png)"
                       for row, runs, _ in loaded if runs), ""]
@@ -336,9 +353,11 @@ def _image_targets(row: Row, runs, floor, teacher35) -> Optional[str]:
 def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.Path,
                    steps: int) -> List[str]:
   loaded = _load_rows(gdir, "image_mixture")
+  base = base_config("image_mixture", record["steps"], record["settings"])
   runs_all = [r for _, runs, _ in loaded for r in runs]
   out = ["## image mixture: CIFAR-10 means, exact teacher", "",
-         f"Config `{record['config']}`, {steps} generator steps per row, settings "
+         f"Config `{record['config']}` ({_config_steps('image_mixture')} steps as shipped), "
+         f"{steps} generator steps per row, settings "
          f"{json.dumps(record['settings'])}. Metrics of 10,000 samples (uni_instruct_jax/"
          "mixture_metrics.py: modes covered by nearest mean within the chi-square radius, "
          "total-variation mode balance, precision, median distance in units of s sqrt(d), pixel "
@@ -355,7 +374,7 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
   lines, targets, findings = [], [], []
   k = first["num_modes"]
   for row, runs, failed in loaded:
-    lines.append(_knob_cells(row, runs, steps) + _image_cells([r["student"] for r in runs])
+    lines.append(_knob_cells(row, runs, base) + _image_cells([r["student"] for r in runs])
                  + [str(failed)])
     target = _image_targets(row, runs, floor, teacher[0])
     if target:
@@ -424,8 +443,7 @@ def write_report(out: pathlib.Path, doc: pathlib.Path, figures: pathlib.Path) ->
                f"    nice -n 10 python -m uni_instruct_jax.compare --grid={grid} --out=OUT", ""]
       continue
     record = json.loads((gdir / "grid.json").read_text())
-    steps = record["steps"] or int(round(
-        base_config(grid).training.total_kimg * 1000 / base_config(grid).training.batch_size))
+    steps = record["steps"] or _config_steps(grid, record["settings"])
     section = _toy2d_section if grid == "toy2d" else _image_section
     text += section(gdir, record, figures, steps) + _status(gdir, grid, record)
   doc.parent.mkdir(parents=True, exist_ok=True)
