@@ -21,6 +21,7 @@ import math
 import os
 import pathlib
 import runpy
+import shlex
 import shutil
 import subprocess
 import sys
@@ -367,7 +368,8 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
   first = runs_all[0]
   floor, teacher = first["floor"], first["teacher"]
   base_lines = [["exact samples (floor)", "0"] + _image_cells([floor])]
-  base_lines += [[f"teacher {t['source']}", str(t["nfe"])] + _image_cells([t]) for t in teacher]
+  base_lines += [[f"exact teacher, {t['source'].split('_')[-1]}", str(t["nfe"])]
+                 + _image_cells([t]) for t in teacher]
   base_lines.append(["generator at init (1 step)", "1"] + _image_cells([r["init"] for r in runs_all]))
   out += [_table(["baseline", "NFE"] + [c for c, _, _ in IMAGE_COLUMNS], base_lines), "",
           f"TV floor formula 0.5 sqrt(2K/(pi N)) sqrt(1 - 1/K): {floor['tv_floor_formula']:.4f}.", ""]
@@ -417,7 +419,7 @@ def _status(gdir: pathlib.Path, grid: str, record: Dict[str, Any]) -> List[str]:
   loaded = _load_rows(gdir, grid)
   done = sum(len(runs) for _, runs, _ in loaded)
   total = sum(row.seeds for row, _, _ in loaded)
-  sets = " ".join(f"--set={k}={v!r}" for k, v in record["settings"].items())
+  sets = " ".join(shlex.quote(f"--set={k}={v!r}") for k, v in record["settings"].items())
   steps = f" --steps={record['steps']}" if record["steps"] else ""
   return [f"Status: {done}/{total} runs of the {grid} grid finished. To complete it (resumes; "
           "finished rows are skipped):", "",
