@@ -241,8 +241,10 @@ def _load_rows(gdir: pathlib.Path, grid: str) -> List[Tuple[Row, List[Dict[str, 
     for seed in range(row.seeds):
       wd = gdir / row_id(row, seed)
       if (wd / "summary.json").exists() and (wd / "row.json").exists():
+        last = (wd / "metrics.jsonl").read_text().strip().splitlines()[-1]
         done.append({**json.loads((wd / "summary.json").read_text()),
-                     "row": json.loads((wd / "row.json").read_text())})
+                     "row": json.loads((wd / "row.json").read_text()),
+                     "last_tick": json.loads(last)})
       elif (wd / "error.txt").exists():
         failed += 1
     out.append((row, done, failed))
@@ -259,6 +261,28 @@ def _knob_cells(row: Row, runs: List[Dict[str, Any]], base) -> List[str]:
 
 KNOB_HEADER = ["row", "method", "mode", "divergence", "ratio clip", "lr gen / fake", "steps",
                "seeds done"]
+
+
+TICK_HEADER = ["r min–max, last tick", "disc. trained"]
+
+
+def _tick_cells(runs: List[Dict[str, Any]]) -> List[str]:
+  """The density ratio's range over the last tick (seed 0) and whether the discriminator trained
+  (metrics.jsonl has loss_disc)."""
+  if not runs:
+    return ["–", "–"]
+  tick = runs[0]["last_tick"]
+  r = f"{tick['r_min']:.3g}–{tick['r_max']:.3g}" if "r_min" in tick else "–"
+  return [r, "yes" if "loss_disc" in tick else "no"]
+
+
+def _untrained_ratio_findings(loaded, base) -> List[str]:
+  """Rows whose loss reads r = exp(discriminator logit) while their discriminator never trained."""
+  return [f"{row.name} reads the density ratio r but its discriminator never trained (no "
+          "loss_disc in metrics.jsonl): its r is an untrained network's output."
+          for row, runs, _ in loaded
+          if runs and _tick_cells(runs)[1] == "no"
+          and effective_clip(row_config(base, row, 0)) != "r unused"]
 
 
 def _table(header: List[str], lines: List[List[str]]) -> str:
@@ -290,7 +314,7 @@ def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
     modes = [r["student_modes_covered"] for r in runs]
     lines.append(_knob_cells(row, runs, base) + [
         _stat(w2, ".4f"), _stat(ratio, ".2f"), _stat(modes, ".1f"),
-        _stat([r["init_metric"] for r in runs], ".4f"), str(failed)])
+        _stat([r["init_metric"] for r in runs], ".4f")] + _tick_cells(runs) + [str(failed)])
     if runs:
       met = max(ratio) <= 1.5
       targets.append(f"{row.name}: {'met' if met else 'not met'} (worst seed "
@@ -313,13 +337,15 @@ def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
          f"samples vs exact samples; the exact teacher's 35-NFE Heun sampler scores "
          f"{teacher if teacher is None else format(teacher, '.4f')}. Rows ran at commit(s) "
          f"{_commits(loaded)}.", "",
-         _table(KNOB_HEADER + ["sliced W2", "/ teacher", "modes (of 8)", "init W2", "failed"],
+         _table(KNOB_HEADER + ["sliced W2", "/ teacher", "modes (of 8)", "init W2"] + TICK_HEADER
+                + ["failed"],
                 lines), "",
          "Target (every divergence within 1.5x of the teacher's sliced W2):", ""]
   out += [f"- {t}" for t in targets] or ["- no finished rows yet"]
   out += ["", "Findings the table supports:", ""]
   if not any("misses modes" in f for f in findings) and runs_all:
     findings.insert(0, "Every finished row covers all 8 modes in every seed.")
+  findings += _untrained_ratio_findings(loaded, base)
   out += [f"- {f}" for f in findings] or ["- no finished rows yet."]
   out += ["", "Scatter plots (seed 0; red student, blue data): "
           + ", ".join(f"[{row.name}](results/toy2d-{row_id(row, 0)}.png)"
@@ -377,7 +403,7 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
   k = first["num_modes"]
   for row, runs, failed in loaded:
     lines.append(_knob_cells(row, runs, base) + _image_cells([r["student"] for r in runs])
-                 + [str(failed)])
+                 + _tick_cells(runs) + [str(failed)])
     target = _image_targets(row, runs, floor, teacher[0])
     if target:
       targets.append(target)
@@ -386,9 +412,11 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
       fd = max(r["student"]["pixel_fd"] for r in runs)
       findings.append(f"{row.name}: at least {covered}/{k} modes covered; pixel FD at most "
                       f"{fd / teacher[0]['pixel_fd']:.2f}x the 35-NFE teacher's.")
-  out += [_table(KNOB_HEADER + [c for c, _, _ in IMAGE_COLUMNS] + ["failed"], lines), "",
+  out += [_table(KNOB_HEADER + [c for c, _, _ in IMAGE_COLUMNS] + TICK_HEADER + ["failed"], lines),
+          "",
           "Targets (Uni-Instruct forward KL and Jeffreys; every seed):", ""]
   out += [f"- {t}" for t in targets] or ["- no finished forward-KL / Jeffreys row yet"]
+  findings += _untrained_ratio_findings(loaded, base)
   out += ["", "Findings the table supports:", ""] + [f"- {f}" for f in findings] + [""]
   out += _image_figures(gdir, record, figures, loaded, steps)
   return out
