@@ -263,7 +263,7 @@ KNOB_HEADER = ["row", "method", "mode", "divergence", "ratio clip", "lr gen / fa
                "seeds done"]
 
 
-TICK_HEADER = ["r min–max, last tick", "disc. trained"]
+TICK_HEADER = ["r min–max, last tick (seed 0)", "disc. trained"]
 
 
 def _tick_cells(runs: List[Dict[str, Any]]) -> List[str]:
@@ -319,6 +319,10 @@ def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
       met = max(ratio) <= 1.5
       targets.append(f"{row.name}: {'met' if met else 'not met'} (worst seed "
                      f"{max(ratio):.2f}x the teacher)")
+      worse = sum(r["student_metric"] > r["init_metric"] for r in runs)
+      if worse:
+        findings.append(f"{row.name} ends worse than the generator at initialisation in "
+                        f"{worse}/{len(runs)} seeds (diverged).")
       if min(modes) < runs[0]["num_modes"]:
         findings.append(f"{row.name} misses modes in at least one seed "
                         f"(min {min(modes)}/{runs[0]['num_modes']}).")
