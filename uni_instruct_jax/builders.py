@@ -346,7 +346,7 @@ class Run:
   meta: Dict[str, Any]          # restored checkpoint metadata ({} for a fresh run).
   total_steps: int
   tick_steps: int
-  mixture: Any                  # toy.GaussianMixture or None.
+  mixture: Any                  # toy.GaussianMixture (or its ImageMixture) or None.
   detector: Any = None          # FID detector when eval.every_ticks > 0.
   jit_cache: Dict[str, Callable] = dataclasses.field(default_factory=dict)  # see evaluation.run.
 
@@ -390,9 +390,12 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
   except (ValueError, KeyError) as e:
     raise SetupError(f"config.loss: {e}") from e
   mixture = None
-  if config.teacher.source == "toy":
-    from uni_instruct_jax import toy, toy_run  # pylint: disable=g-import-not-at-top
-    mixture = toy.GaussianMixture.ring(num_modes=config.data.num_modes)
+  if config.teacher.source in ("toy", "image_mixture"):
+    from uni_instruct_jax import image_mixture, toy_run  # pylint: disable=g-import-not-at-top
+    try:
+      mixture = toy_run.build_mixture(config)
+    except image_mixture.ImageMixtureError as e:
+      raise SetupError(f"config.data: {e}") from e
     nets, frozen, init_params = toy_run.build_toy_nets(config, mixture)
     dataset_factory = lambda state: toy_run.ToyDataset(mixture, batch, config.seed,
                                                        jax.process_index(), jax.process_count(),

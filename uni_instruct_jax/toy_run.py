@@ -1,15 +1,24 @@
-"""The toy run (teacher.source 'toy'): exact-mixture dataset, MLP nets fitted to the exact
-teacher, and the acceptance metrics. The mixture math itself is in `toy`."""
+"""The toy run (teacher.source 'toy' or 'image_mixture'): exact-mixture dataset, MLP nets fitted
+to the exact teacher (cached on disk when $UNI_INSTRUCT_FIT_CACHE names a directory), and the
+acceptance metrics. The mixture math itself is in `toy`, the image-mixture metrics in
+`mixture_metrics`."""
 
+import hashlib
+import json
 import math
+import os
+import pathlib
 from typing import Any, Callable, Dict, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import serialization
 
+from uni_instruct_jax import image_mixture
 from uni_instruct_jax import losses
+from uni_instruct_jax import mixture_metrics
 from uni_instruct_jax import nets as nets_lib
 from uni_instruct_jax import sampling
 from uni_instruct_jax import steps
@@ -75,6 +84,55 @@ def _fit_to_teacher(module, params, teacher_fn: Callable, sample_fn: Callable, k
   return fit(params, key)
 
 
+FIT_CACHE_ENV = "UNI_INSTRUCT_FIT_CACHE"
+
+
+def _cache_key(kind: str, mixture: toy.GaussianMixture, settings: Dict[str, Any]) -> str:
+  """sha256 of (kind, the mixture's means/std/weights, JSON settings, jax version)."""
+  h = hashlib.sha256(kind.encode())
+  for a in (mixture.means, mixture.weights, np.float64(mixture.std)):
+    h.update(np.ascontiguousarray(a, np.float64).tobytes())
+  h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+  h.update(jax.__version__.encode())
+  return h.hexdigest()[:32]
+
+
+def _cache_dir() -> Optional[pathlib.Path]:
+  path = os.environ.get(FIT_CACHE_ENV, "")
+  return pathlib.Path(path) if path else None
+
+
+def _cached(kind: str, mixture, settings: Dict[str, Any], compute: Callable[[], Any],
+            template: Any = None) -> Any:
+  """compute() memoised in $UNI_INSTRUCT_FIT_CACHE/<kind>-<key>.{json,msgpack} (no cache when
+  unset): `template` (a pytree of arrays) restores msgpack params; None stores JSON."""
+  cache = _cache_dir()
+  if cache is None:
+    return compute()
+  path = cache / f"{kind}-{_cache_key(kind, mixture, settings)}"
+  path = path.with_suffix(".json" if template is None else ".msgpack")
+  if path.is_file():
+    return (json.loads(path.read_text()) if template is None
+            else serialization.from_bytes(template, path.read_bytes()))
+  value = compute()
+  cache.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(f".tmp{os.getpid()}")
+  if template is None:
+    tmp.write_text(json.dumps(value))
+  else:
+    tmp.write_bytes(serialization.to_bytes(value))
+  os.replace(tmp, path)
+  return value
+
+
+def build_mixture(config) -> toy.GaussianMixture:
+  """The data law of a toy config: the ring, or the image mixture of config.data
+  (image_mixture.ImageMixtureError on bad data settings)."""
+  if config.teacher.source == "image_mixture":
+    return image_mixture.mixture_from_config(config.data)
+  return toy.GaussianMixture.ring(num_modes=config.data.num_modes)
+
+
 def build_toy_nets(config, mixture):
   """(Nets, frozen, init_params(key) -> (generator, fake-score) params) for the toy: exact
   teacher; generator and fake score both start from an MLP denoiser fitted to it."""
@@ -86,21 +144,66 @@ def build_toy_nets(config, mixture):
                        teacher=lambda _, x, s, labels: mixture.denoiser(x, s),
                        data_shape=(mixture.dim,), label_dim=0)
 
-  def init_params(key):
+  def fit(key):
     k_init, k_fit = jax.random.split(key)
     x = jnp.zeros((1, mixture.dim))
     params = module.init(k_init, x, jnp.ones((1,)))["params"]
-    fitted = _fit_to_teacher(module, params, mixture.denoiser, mixture.sample, k_fit,
-                             num_steps=config.teacher.fit_steps, batch=config.teacher.fit_batch,
-                             lr=config.teacher.fit_lr)
+    return _fit_to_teacher(module, params, mixture.denoiser, mixture.sample, k_fit,
+                           num_steps=config.teacher.fit_steps, batch=config.teacher.fit_batch,
+                           lr=config.teacher.fit_lr)
+
+  def init_params(key):
+    if isinstance(key, jax.core.Tracer):  # jax.eval_shape: shapes only
+      fitted = fit(key)
+    else:  # a pure function of (key, network, fit settings, mixture): cached on disk
+      settings = {"key": np.asarray(jax.random.key_data(key)).tolist(), "network": kwargs,
+                  "fit": [config.teacher.fit_steps, config.teacher.fit_batch,
+                          config.teacher.fit_lr]}
+      fitted = _cached("teacher_fit", mixture, settings, lambda: fit(key),
+                       template=jax.eval_shape(fit, key))
+      fitted = jax.tree.map(jnp.asarray, fitted)
     return fitted, fitted
   return nets, {"teacher": {}, "buffers": {}}, init_params
+
+
+def mixture_baselines(mixture: toy.GaussianMixture, num: int, seed: int) -> Dict[str, Any]:
+  """{'floor': floor_row, 'teacher': teacher_rows (35, 3 and 1 NFE)} of the mixture at (num,
+  seed): computed once per mixture (cached on disk like the teacher fit)."""
+  settings = {"num": num, "seed": seed, "heun_steps": mixture_metrics.TEACHER_HEUN_STEPS}
+  return _cached("baselines", mixture, settings, lambda: {
+      "floor": mixture_metrics.floor_row(mixture, num, seed),
+      "teacher": mixture_metrics.teacher_rows(mixture, num, seed)})
+
+
+IMAGE_METRICS_SEED = 10_001
+IMAGE_METRICS_NUM = 10_000
+
+
+def image_mixture_metrics(mixture: image_mixture.ImageMixture,
+                          sample_student: Callable[[int, int], np.ndarray],
+                          num: int = IMAGE_METRICS_NUM) -> Dict[str, Any]:
+  """summary.json keys of an image-mixture run (each a mixture_metrics.sample_metrics dict of
+  num samples vs num exact reference samples):
+    'student': the EMA student (one step); 'floor': exact vs exact samples (+ tv_floor_formula);
+    'teacher': the exact teacher's Heun 35 / 3 NFE and Euler 1 NFE rows (source, nfe);
+    'metric_name' 'pixel_fd', 'student_metric' / 'teacher_metric' (35 NFE) its values."""
+  reference = mixture_metrics.reference_samples(mixture, num, IMAGE_METRICS_SEED)
+  student = mixture_metrics.sample_metrics(sample_student(num, IMAGE_METRICS_SEED + 1), mixture,
+                                           reference)
+  base = mixture_baselines(mixture, num, IMAGE_METRICS_SEED)
+  return {"metric_name": "pixel_fd", "student_metric": student["pixel_fd"],
+          "teacher_metric": base["teacher"][0]["pixel_fd"], "teacher_nfe": base["teacher"][0]["nfe"],
+          "student_modes_covered": student["modes_covered"], "num_modes": mixture.num_modes,
+          "student": student, **base}
 
 
 def toy_metrics(mixture: toy.GaussianMixture, sample_student: Callable[[int, int], np.ndarray],
                 num: int = 20_000) -> Dict[str, Any]:
   """The embedded default's acceptance numbers (sliced W2 over 256 fixed directions);
-  sample_student(num, seed) -> [num, dim] samples of the EMA generator."""
+  sample_student(num, seed) -> [num, dim] samples of the EMA generator. Image mixtures:
+  `image_mixture_metrics`."""
+  if isinstance(mixture, image_mixture.ImageMixture):
+    return image_mixture_metrics(mixture, sample_student)
   data = np.asarray(mixture.sample(jax.random.key(10_001), num))
   student = sample_student(num, 10_002)
   latents = jax.random.normal(jax.random.key(10_003), (num, mixture.dim), jnp.float32)

@@ -166,9 +166,12 @@ def _train(run: builders.Run) -> Dict[str, Any]:
     run.checkpointer.close()
     return json.loads(paths.read_text(summary_path))
 
-  extra = {k: run.meta[k] for k in ("init_metric",) if k in run.meta}
+  extra = {k: run.meta[k] for k in ("init_metric", "init") if k in run.meta}
   if run.mixture is not None and "init_metric" not in extra:
-    extra["init_metric"] = _toy_metrics(run)["student_metric"]  # EMA == generator at step 0
+    init = _toy_metrics(run)  # EMA == generator at step 0
+    extra["init_metric"] = init["student_metric"]
+    if "student" in init:  # image mixture: every metric of the initial generator
+      extra["init"] = init["student"]
   if not run.meta:  # a fresh run (a rerun after a kill before this save is one too)
     eval_run.write_snapshot(run, "fakes_init.png")
     with _deferred_interrupt():
@@ -236,7 +239,7 @@ def _train(run: builders.Run) -> Dict[str, Any]:
              "generator_params_sha256": ts.params_sha256(parallel.to_host(state.ema_params)),
              "num_devices": jax.device_count(), "compilations": compilations}
   if run.mixture is not None:
-    summary.update(_toy_metrics(run), init_metric=extra["init_metric"])
+    summary.update(_toy_metrics(run), **{k: v for k, v in extra.items() if k.startswith("init")})
     eval_run.write_snapshot(run, "scatter.png")
   if jax.process_index() == 0:
     paths.write_text(summary_path, json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,125 @@
+"""uni_instruct_jax.compare: the grid's rows and configs, the fit cache, and the compare path end
+to end on a tiny image mixture (K = 4 means of 2x2 pixels)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from uni_instruct_jax import compare
+from uni_instruct_jax import toy
+from uni_instruct_jax import toy_run
+
+ZIP = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-train-jpeg.zip"
+
+
+def test_grid_rows_match_the_issue():
+  toy_rows = compare.grid_rows("toy2d")
+  image_rows = compare.grid_rows("image_mixture")
+  assert len(toy_rows) == len(image_rows) + 1  # the unclipped row
+  assert sum(r.seeds for r in image_rows) == 4 * 3 + 10
+  multi = {(r.method, r.divergence) for r in image_rows if r.seeds == 3}
+  assert multi == {("sid", "reverse_kl"), ("uni_instruct", "reverse_kl"),
+                   ("uni_instruct", "forward_kl"), ("uni_instruct", "jeffreys")}
+  exact = {r.divergence for r in image_rows if r.mode == "exact"}
+  assert exact == set(compare.DIVERGENCES)
+  ids = [compare.row_id(r, s) for r in toy_rows for s in range(r.seeds)]
+  assert len(ids) == len(set(ids))
+
+
+def test_row_config_knobs_and_unclipped_row():
+  base = compare.base_config("toy2d", steps=600, settings={"teacher.fit_steps": 7})
+  assert base.teacher.fit_steps == 7
+  assert base.training.total_kimg * 1000 / base.training.batch_size == pytest.approx(600)
+  assert base.loss.sid_kimg / base.training.total_kimg == pytest.approx(0.1)
+  rows = {r.name: r for r in compare.grid_rows("toy2d")}
+  clipped = compare.row_config(base, rows["UI exact jeffreys"], 2)
+  unclipped = compare.row_config(base, rows["UI exact jeffreys unclipped"], 0)
+  assert clipped.seed == 2 and compare.effective_clip(clipped) == "[0.25, 4]"
+  assert compare.effective_clip(unclipped) == "none"
+  assert "ratio_clip" in base.loss.overrides  # the base is not modified
+  sid = compare.row_config(base, rows["SiD (alpha 1.2)"], 0)
+  assert (sid.loss.method, sid.loss.divergence) == ("sid", "reverse_kl")
+
+
+def test_bad_input_is_one_line_error():
+  with pytest.raises(compare.CompareError, match="unknown config key"):
+    compare.base_config("toy2d", settings={"loss.nope": 1})
+  with pytest.raises(compare.CompareError, match="KEY=VALUE"):
+    compare.parse_set(["novalue"])
+  with pytest.raises(compare.CompareError, match="--grid"):
+    compare.base_config("cifar")
+  assert compare.parse_set(["a.b=(1, 2)", "c=x"]) == {"a.b": (1, 2), "c": "x"}
+
+
+def test_stat_mean_and_sample_std():
+  assert compare._stat([1.0, 2.0, 3.0], ".2f") == "2.00 ± 1.00"
+  assert compare._stat([0.5], ".1f") == "0.5"
+  assert compare._stat([], ".1f") == "–"
+
+
+def test_fit_cache_reuses_the_stored_value(tmp_path, monkeypatch):
+  monkeypatch.setenv(toy_run.FIT_CACHE_ENV, str(tmp_path))
+  mixture = toy.GaussianMixture.ring(num_modes=4)
+  calls = []
+
+  def compute():
+    calls.append(1)
+    return {"w": np.arange(3.0)}
+  template = {"w": np.zeros(3)}
+  first = toy_run._cached("fit", mixture, {"steps": 3}, compute, template)
+  second = toy_run._cached("fit", mixture, {"steps": 3}, compute, template)
+  other = toy_run._cached("fit", mixture, {"steps": 4}, compute, template)
+  assert len(calls) == 2  # the second call read the cache; other settings -> another entry
+  np.testing.assert_array_equal(second["w"], first["w"])
+  np.testing.assert_array_equal(other["w"], np.arange(3.0))
+
+
+@pytest.mark.slow
+def test_compare_end_to_end_on_a_tiny_image_mixture(tmp_path, monkeypatch):
+  if not ZIP.is_file():
+    pytest.skip(f"{ZIP} absent")
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  out, doc, figures = tmp_path / "runs", tmp_path / "results.md", tmp_path / "fig"
+  argv = [f"--out={out}", "--grid=image_mixture", "--steps=20", "--max-seeds=1",
+          "--rows=SiD (alpha 1.2),UI exact forward_kl", f"--doc={doc}", f"--figures={figures}",
+          "--set=data.num_modes=4", "--set=data.resolution=2", "--set=teacher.fit_steps=20",
+          "--set=network.kwargs.hidden=(32, 32)", "--set=training.batch_size=32"]
+  assert compare.main(argv) == 0
+  text = doc.read_text()
+  assert "exact samples (floor)" in text and "TV floor formula" in text
+  for name in ("SiD (alpha 1.2)", "UI exact forward_kl"):
+    line = next(l for l in text.splitlines() if l.startswith(f"| {name} |"))
+    assert "| 1/3 |" in line and "–" not in line.split("|")[9]
+  assert "UI exact forward_kl: modes >= 95%" in text
+  assert "2/22 runs of the image_mixture grid finished" in text
+  row = json.loads((out / "image_mixture" / "sid-official-reverse_kl-s0" / "row.json").read_text())
+  assert len(row["commit"]) >= 40
+  summary = json.loads((out / "image_mixture" / "sid-official-reverse_kl-s0" /
+                        "summary.json").read_text())
+  assert summary["num_modes"] == 4 and summary["init"]["num_samples"] == 10_000
+  assert (figures / "mixture-means.png").stat().st_size > 0
+  # Rerun: finished rows are skipped (their summaries are not rewritten).
+  mtime = (out / "image_mixture" / "sid-official-reverse_kl-s0" / "summary.json").stat().st_mtime_ns
+  assert compare.main(argv) == 0
+  assert (out / "image_mixture" / "sid-official-reverse_kl-s0" /
+          "summary.json").stat().st_mtime_ns == mtime
+  # Another grid setting in the same --out is refused.
+  assert compare.main(argv[:-1] + ["--set=training.batch_size=64"]) == 2
+
+
+def test_effective_clip_per_row():
+  base = compare.base_config("toy2d")
+  clips = {r.name: compare.effective_clip(compare.row_config(base, r, 0))
+           for r in compare.grid_rows("toy2d")}
+  assert clips["SiD (alpha 1.2)"] == clips["UI exact reverse_kl"] == "r unused"
+  assert clips["f-distill forward_kl"] == clips["UI official jeffreys"] == "[0.25, 4]"
+  assert clips["UI exact jeffreys unclipped"] == "none"
+
+
+def test_setup_reports_bad_image_mixture_data_as_setup_error(tmp_path):
+  from uni_instruct_jax import builders  # pylint: disable=g-import-not-at-top
+  config = compare.base_config("image_mixture", settings={"data.path": str(tmp_path / "no.zip")})
+  with pytest.raises(builders.SetupError, match=r"^config.data: image zip .* does not exist"):
+    builders.setup(config, str(tmp_path / "wd"))
