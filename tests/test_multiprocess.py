@@ -102,6 +102,7 @@ def toy_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
+@FULL
 def test_tiny_image_two_processes_match_one(tmp_path):
   zip_path = shared_path("data", "cifar10-train-jpeg.zip")
   flags = ["--config=configs/tiny.py", f"--config.data.path={zip_path}",
