@@ -216,8 +216,13 @@ def test_bad_input_is_one_error_line(workdir, tmp_path, capsys):
   toy = tmp_path / 'toy'
   toy.mkdir()
   (toy / 'config.json').write_text(json.dumps({'teacher': {'source': 'toy'}}))
+  dcgan = tmp_path / 'dcgan'
+  dcgan.mkdir()
+  (dcgan / 'config.json').write_text(json.dumps({'teacher': {'source': 'pkl'},
+                                                 'generator': {'network': 'dcgan'}}))
   cases = [(tmp_path / 'nowhere', tmp_path / 'a.pt', 'ema', 'no config.json'),
            (toy, tmp_path / 'a.pt', 'ema', 'toy'),
+           (dcgan, tmp_path / 'a.pt', 'ema', 'not an EDM denoiser'),
            (workdir['path'], tmp_path / 'no' / 'a.pt', 'ema', 'does not exist'),
            (workdir['path'], tmp_path / 'a.json', 'ema', 'must not end in .json'),
            (workdir['path'], tmp_path / 'a.pt', 'last', '--which')]

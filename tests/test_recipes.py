@@ -286,6 +286,10 @@ def test_image_teacher_distils_into_a_dcgan_generator(tmp_path, method):
     assert np.isfinite(float(metrics["loss_gen"])) and float(metrics["nan_grads"]) == 0.0
   diffs = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), state.gen_params, gen0)
   assert max(jax.tree.leaves(diffs)) > 0.0
+  if method == "sid":  # FID batches go through the registered generator too
+    from uni_instruct_jax.evaluation import run as eval_run  # pylint: disable=g-import-not-at-top
+    images = next(eval_run._generator_batches(run, state.ema_params, 4, 4, 0))  # pylint: disable=protected-access
+    assert images.dtype == np.uint8 and images.shape == (4,) + run.nets.data_shape
 
 
 @pytest.mark.slow

@@ -381,6 +381,9 @@ def export(workdir: str | os.PathLike, out: str | os.PathLike, which: str = 'ema
   config = _load_config(workdir)
   if config.teacher.source == 'toy':
     raise ExportError('the toy run has no EDM network to export (teacher.source is "toy")')
+  if config.get('generator', {}).get('network', ''):
+    raise ExportError(f'the generator is a {config.generator.network!r} network, not an EDM '
+                      'denoiser: only EDM-architecture generators export to EDM state dicts')
   if not out.parent.is_dir():
     raise ExportError(f'--out directory {out.parent} does not exist')
   if out.suffix == '.json':

@@ -125,12 +125,18 @@ def _generator_batches(run: builders.Run, params: Any, num: int, batch_size: int
   of `params`, generated batch-sharded where batch_size divides by the 'data' axis; batch i uses
   key fold_in(seed, i) for its latents and (conditional nets) random labels, so every evaluation
   sees the same seeds. No image leaves its host: the detector gathers only features."""
+  sigma_init = run.config.training.sigma_init
+
   def gen(p, buffers, key):
-    denoise = lambda x, s, c: nets_lib.apply(run.nets.gen, p, buffers, x, s, c, train=False,
-                                             key=None)
+    if run.nets.gen_is_denoiser:
+      generator = lambda x, s, c: nets_lib.apply(run.nets.gen, p, buffers, x, s, c, train=False,
+                                                 key=None)
+    else:  # a registered generator maps z = x / sigma_init (one_step_generate's x = sigma_init z)
+      generator = lambda x, s, c: nets_lib.generate(run.nets, p, buffers, x / sigma_init, c,
+                                                    sigma_init)
     return sampling.to_uint8(sampling.one_step_generate(
-        denoise, key, batch_size, run.nets.data_shape, label_dim=run.nets.label_dim,
-        sigma_init=run.config.training.sigma_init))
+        generator, key, batch_size, run.nets.data_shape, label_dim=run.nets.label_dim,
+        sigma_init=sigma_init))
   sharded = batch_size % parallel.data_size(run.mesh) == 0
   out = parallel.data_sharding(run.mesh) if sharded else parallel.replicated(run.mesh)
   gen = _jitted(run, f"generate_uint8_{batch_size}", gen, out_shardings=out)
