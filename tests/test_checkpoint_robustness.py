@@ -79,7 +79,8 @@ def _saved(tmp_path, steps=(0, 4, 8), keep=3):
 
 def _data_files(step_dir: pathlib.Path):
   """The array data files of a saved step (ocdbt 'd/' files), largest first."""
-  files = [p for p in (step_dir / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+  files = [p for p in pathlib.Path(step_dir, "state").rglob("*")
+           if p.is_file() and p.parent.name == "d"]
   return sorted(files, key=lambda p: -p.stat().st_size)
 
 
