@@ -2,9 +2,10 @@
 the code path of a pod. Every run goes through launch/local_multiprocess.sh N with
 DEVICES_PER_PROCESS fake CPU devices per process, so "1 x 4" and "2 x 2" are the same 4-device mesh.
 
-In CI (slow): the tiny image config on 2 x 2 ends with the parameters and metrics of 1 x 4, and
-toy2d under the launcher writes the summary.json metrics of a single-process run. With
-UNI_INSTRUCT_FULL_SCALE_TESTS=1 also: resuming a 2-process checkpoint with 1 process (and the
+In CI (slow): toy2d under the launcher writes the summary.json metrics of a single-process run,
+and each process reads its own rows while evaluation gathers only features. With
+UNI_INSTRUCT_FULL_SCALE_TESTS=1 also (minutes each on 2 cores): the tiny image config on 2 x 2 ends
+with the parameters and metrics of 1 x 4, resuming a 2-process checkpoint with 1 process (and the
 reverse), and kill -9 of one process (docs/scale.md lists the runtimes).
 """
 
