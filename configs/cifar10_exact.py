@@ -11,10 +11,15 @@ import runpy
 _base = runpy.run_path(str(pathlib.Path(__file__).with_name("cifar10.py")))["get_config"]
 
 
-def get_config():
-  c = _base()
+def exact_of(c):
+  """The exact-mode variant of a paper config `c` (also used by cifar10_cond_exact.py and
+  imagenet64_exact.py)."""
   c.loss.mode = "exact"
   c.loss.overrides.ratio_source = "logit"
   c.loss.overrides.ratio_clip = (0.1, 20.0)
   c.loss.disc_sigma_law = "mixture"
   return c
+
+
+def get_config():
+  return exact_of(_base())
