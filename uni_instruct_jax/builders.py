@@ -310,7 +310,7 @@ class PhaseSteps:
                cfg: steps.StepConfig):
     self._fns = fns
     self._jit = jit
-    self._cfg = cfg
+    self.cfg = cfg  # the StepConfig: phase_at(images_seen, cfg) picks the program
     self.fake_step = jit(fns.fake_score_update)
     self._gen: Dict[int, Callable] = {}
 
@@ -321,7 +321,7 @@ class PhaseSteps:
 
   def __call__(self, state, batch, frozen, images_seen: int):
     state, fake_metrics = self.fake_step(state, batch, frozen)
-    state, gen_metrics = self.gen_step(steps.phase_at(images_seen, self._cfg))(state, batch, frozen)
+    state, gen_metrics = self.gen_step(steps.phase_at(images_seen, self.cfg))(state, batch, frozen)
     return state, steps.merge_metrics(fake_metrics, gen_metrics)
 
   def compilations(self) -> int:

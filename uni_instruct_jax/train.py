@@ -183,7 +183,7 @@ def _train(run: builders.Run) -> Dict[str, Any]:
         f"{workdir} on {jax.device_count()} device(s)", flush=True)
 
   state, step, pending, record = run.state, start_step, [], {}
-  step_cfg = builders.step_config(config)
+  step_cfg = run.step_fn.cfg  # setup's StepConfig (phase_at picks each step's program)
   compiled_phases, sec_per_kimg = set(), None  # sec_per_kimg: last rate without compilation
   tick_start = time.time()
   tick_step, compile_s, compile_steps = step, 0.0, 0
