@@ -91,9 +91,9 @@ def test_compare_end_to_end_on_a_tiny_image_mixture(tmp_path, monkeypatch):
   assert "exact samples (floor)" in text and "TV floor formula" in text
   for name in ("SiD (alpha 1.2)", "UI exact forward_kl"):
     line = next(l for l in text.splitlines() if l.startswith(f"| {name} |"))
-    assert "| 1/3 |" in line and "–" not in line.split("|")[9]
+    assert "| 1/3 |" in line and "–" not in line.split("|")[10]
   assert "UI exact forward_kl: modes >= 95%" in text
-  assert "2/22 runs of the image_mixture grid finished" in text
+  assert "2/24 runs of the image_mixture grid finished" in text
   row = json.loads((out / "image_mixture" / "sid-official-reverse_kl-s0" / "row.json").read_text())
   assert len(row["commit"]) >= 40
   summary = json.loads((out / "image_mixture" / "sid-official-reverse_kl-s0" /
@@ -123,3 +123,44 @@ def test_setup_reports_bad_image_mixture_data_as_setup_error(tmp_path):
   config = compare.base_config("image_mixture", settings={"data.path": str(tmp_path / "no.zip")})
   with pytest.raises(builders.SetupError, match=r"^config.data: image zip .* does not exist"):
     builders.setup(config, str(tmp_path / "wd"))
+
+
+@pytest.mark.slow
+def test_songunet_rows_train_image_networks_on_the_image_mixture(tmp_path):
+  """The SongUNet rows: NHWC image networks (the modules of CIFAR-10 proper) fitted to the exact
+  teacher, the mixture's samples as [B, R, R, 3] batches, one finite step of each program."""
+  if not ZIP.is_file():
+    pytest.skip(f"{ZIP} absent")
+  from uni_instruct_jax import builders, steps  # pylint: disable=g-import-not-at-top
+  base = compare.base_config("image_mixture", settings={
+      "data.num_modes": 4, "teacher.fit_steps": 2, "training.batch_size": 8})
+  row = next(r for r in compare.grid_rows("image_mixture") if r.network == "songunet")
+  config = compare.row_config(base, row, 0)
+  steps_of = lambda c: c.training.total_kimg * 1000 / c.training.batch_size
+  assert config.training.batch_size == 64 and steps_of(config) == steps_of(base)
+  config.teacher.fit_steps, config.teacher.fit_batch, config.training.batch_size = 2, 8, 8
+  run = builders.setup(config, str(tmp_path / "wd"))
+  assert run.nets.data_shape == (8, 8, 3) and "model" in run.state.gen_params
+  batch = run.dataset.next()
+  assert batch["image"].shape == (8, 8, 8, 3)
+  flat = run.mixture.to_flat(batch["image"])  # the layout the mixture's metrics read
+  nearest = np.linalg.norm(flat[:, None] - run.mixture.means[None], axis=-1).min(axis=1)
+  assert nearest.max() < 2 * run.mixture.std * np.sqrt(run.mixture.dim)  # s sqrt(d) = 0.69
+  state, m_fake = run.fake_step_fn(run.state, batch, run.frozen)
+  state, m_gen = run.gen_step_fn(steps.phase_at(10**9, run.step_fn.cfg))(state, batch, run.frozen)
+  assert np.isfinite(float(m_fake["loss_fake"])) and np.isfinite(float(m_gen["loss_gen"]))
+  assert compare.row_id(row, 0).endswith("-songunet-s0")
+
+
+def test_image_networks_must_fit_the_mixture(tmp_path):
+  from uni_instruct_jax import builders  # pylint: disable=g-import-not-at-top
+  config = compare.base_config("toy2d", settings={"network.class_name": "EDMPrecond"})
+  with pytest.raises(builders.SetupError, match=r"^config.network: .*needs image data"):
+    builders.setup(config, str(tmp_path / "a"))
+  if not ZIP.is_file():
+    pytest.skip(f"{ZIP} absent")
+  row = next(r for r in compare.grid_rows("image_mixture") if r.network == "songunet")
+  config = compare.row_config(compare.base_config("image_mixture"), row, 0)
+  config.network.kwargs.img_resolution = 16
+  with pytest.raises(builders.SetupError, match=r"^config.network: .*must be 8/3"):
+    builders.setup(config, str(tmp_path / "b"))

@@ -396,10 +396,13 @@ def setup(config: ml_collections.ConfigDict, workdir: str, write_config: bool = 
       mixture = toy_run.build_mixture(config)
     except image_mixture.ImageMixtureError as e:
       raise SetupError(f"config.data: {e}") from e
-    nets, frozen, init_params = toy_run.build_toy_nets(config, mixture)
+    try:
+      nets, frozen, init_params = toy_run.build_toy_nets(config, mixture)
+    except ValueError as e:
+      raise SetupError(f"config.network: {e}") from e
     dataset_factory = lambda state: toy_run.ToyDataset(mixture, batch, config.seed,
                                                        jax.process_index(), jax.process_count(),
-                                                       state)
+                                                       state, shape=nets.data_shape)
   elif not reads_data:
     if jax.process_index() == 0:
       print("data-free run: no phase reads real data (no discriminator), config.data is not read; "

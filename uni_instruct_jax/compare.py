@@ -33,6 +33,8 @@ import numpy as np
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GRID_CONFIGS = {"toy2d": "configs/toy2d.py", "image_mixture": "configs/cifar10_mixture.py"}
+# Rows with network="songunet" take this config's network and teacher-fit settings.
+IMAGE_NETWORK_CONFIG = "configs/cifar10_mixture_unet.py"
 # Knobs scaled with the run length by --steps (kimg quantities of the recipe).
 SCALED_KIMG = ("training.total_kimg", "training.tick_kimg", "loss.warmup_kimg", "loss.sid_kimg",
                "ema.halflife_kimg")
@@ -55,6 +57,7 @@ class Row:
   divergence: str
   seeds: int
   clip: Optional[str] = None  # UNCLIPPED: remove the config's ratio clip; None: keep it.
+  network: str = "mlp"        # "songunet": IMAGE_NETWORK_CONFIG's networks and fit (image grid).
 
   def overrides(self) -> Dict[str, Any]:
     return {"loss.method": self.method, "loss.mode": self.mode, "loss.divergence": self.divergence}
@@ -76,13 +79,19 @@ def grid_rows(grid: str) -> List[Row]:
   if grid == "toy2d":
     rows.append(Row("UI exact jeffreys unclipped", "uni_instruct", "exact", "jeffreys", 1,
                     clip=UNCLIPPED))
+  else:  # the image networks of CIFAR-10 proper learn too
+    rows += [Row("SiD (alpha 1.2) SongUNet", "sid", "official", "reverse_kl", 1,
+                 network="songunet"),
+             Row("UI exact forward_kl SongUNet", "uni_instruct", "exact", "forward_kl", 1,
+                 network="songunet")]
   return rows
 
 
 def row_id(row: Row, seed: int) -> str:
   """Directory name of a row's seed."""
   clip = "-unclipped" if row.clip == UNCLIPPED else ""
-  return f"{row.method}-{row.mode}-{row.divergence}{clip}-s{seed}"
+  net = "" if row.network == "mlp" else f"-{row.network}"
+  return f"{row.method}-{row.mode}-{row.divergence}{clip}{net}-s{seed}"
 
 
 def parse_set(items: Sequence[str]) -> Dict[str, Any]:
@@ -140,6 +149,14 @@ def row_config(base, row: Row, seed: int):
   config = base.copy_and_resolve_references()
   for key, value in row.overrides().items():
     _set(config, key, value)
+  if row.network == "songunet":  # its networks, fit and batch; the same number of steps
+    unet = runpy.run_path(str(ROOT / IMAGE_NETWORK_CONFIG))["get_config"]()
+    config.network = unet.network
+    config.teacher.fit_steps, config.teacher.fit_batch = unet.teacher.fit_steps, unet.teacher.fit_batch
+    factor = unet.training.batch_size / config.training.batch_size
+    config.training.batch_size = unet.training.batch_size
+    for key in SCALED_KIMG:
+      _set(config, key, _get(config, key) * factor)
   config.seed = seed
   if row.clip == UNCLIPPED and "ratio_clip" in config.loss.overrides:
     del config.loss.overrides["ratio_clip"]
@@ -255,12 +272,17 @@ def _knob_cells(row: Row, runs: List[Dict[str, Any]], base) -> List[str]:
   """The row's knobs (from its config, as run_grid builds it) and its finished seeds."""
   config = row_config(base, row, 0)
   steps = int(round(config.training.total_kimg * 1000 / config.training.batch_size))
+  net = config.network.class_name
+  net = "MLP " + "x".join(map(str, config.network.kwargs.hidden)) if net == "MLPPrecond" else (
+      f"{config.network.kwargs.model_type} {config.network.kwargs.model_channels}ch")
   return [row.name, row.method, row.mode, row.divergence, effective_clip(config),
-          f"{config.optim.gen_lr:g} / {config.optim.lr:g}", str(steps), f"{len(runs)}/{row.seeds}"]
+          f"{config.optim.gen_lr:g} / {config.optim.lr:g}", str(steps),
+          f"{net}, batch {config.training.batch_size}, fit {config.teacher.fit_steps}",
+          f"{len(runs)}/{row.seeds}"]
 
 
 KNOB_HEADER = ["row", "method", "mode", "divergence", "ratio clip", "lr gen / fake", "steps",
-               "seeds done"]
+               "networks, batch, teacher fit steps", "seeds done"]
 
 
 TICK_HEADER = ["r min–max, last tick (seed 0)", "disc. trained"]
@@ -367,7 +389,8 @@ def _image_cells(metrics: List[Dict[str, Any]]) -> List[str]:
 
 
 def _image_targets(row: Row, runs, floor, teacher35) -> Optional[str]:
-  if row.method != "uni_instruct" or row.divergence not in ("forward_kl", "jeffreys") or not runs:
+  if (row.method != "uni_instruct" or row.divergence not in ("forward_kl", "jeffreys")
+      or row.network != "mlp" or not runs):
     return None
   checks = []
   for r in runs:

@@ -8,7 +8,7 @@ import json
 import math
 import os
 import pathlib
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -32,7 +32,8 @@ class ToyDataset:
   so the global batch (and a resume) does not depend on the process count."""
 
   def __init__(self, mixture, global_batch: int, seed: int, process_index: int,
-               process_count: int, state: Optional[Dict[str, Any]] = None):
+               process_count: int, state: Optional[Dict[str, Any]] = None,
+               shape: Optional[Tuple[int, ...]] = None):
     if global_batch % process_count:
       raise ValueError(f"global batch {global_batch} does not split over {process_count} "
                        "processes")
@@ -43,13 +44,15 @@ class ToyDataset:
     self._key = jax.random.fold_in(jax.random.key(seed), 0)
     self._index = int((state or {}).get("batch_index", 0))
     self._sample = jax.jit(mixture.sample, static_argnums=1)
+    self._shape = tuple(shape or (mixture.dim,))
     self.label_dim = 0
 
   def next(self) -> Dict[str, np.ndarray]:
-    """This process's rows {'image': [B / P, dim], 'label': [B / P, 0]} of the next global batch."""
+    """This process's rows {'image': [B / P, *shape], 'label': [B / P, 0]} of the next global
+    batch (shape: (dim,), or the image mixture's (R, R, 3) for image networks)."""
     x = self._sample(jax.random.fold_in(self._key, self._index), self.global_batch)
     self._index += 1
-    return {"image": np.asarray(x[self._rows]),
+    return {"image": np.asarray(x[self._rows]).reshape((self.local_batch,) + self._shape),
             "label": np.zeros((self.local_batch, 0), np.float32)}
 
   def state(self) -> Dict[str, Any]:
@@ -58,8 +61,9 @@ class ToyDataset:
 
 def _fit_to_teacher(module, params, teacher_fn: Callable, sample_fn: Callable, key,
                     num_steps: int, batch: int, lr: float):
-  """Regresses an MLP denoiser onto the exact teacher (EDM-weighted, log-uniform sigma in
-  [0.002, 80]) so the toy generator and fake score start from "the teacher network"."""
+  """Regresses a denoiser onto the exact teacher (EDM-weighted, log-uniform sigma in [0.002, 80])
+  so the toy generator and fake score start from "the teacher network"; sample_fn(key, n) and
+  teacher_fn take and return the module's input shape [n, ...]."""
   tx = optax.adam(lr)
 
   def loss_fn(p, k):
@@ -69,7 +73,7 @@ def _fit_to_teacher(module, params, teacher_fn: Callable, sample_fn: Callable, k
                                        maxval=math.log(80.0)))
     x = x0 + steps.noisy(jax.random.normal(k_n, x0.shape), sigma)
     err = module.apply({"params": p}, x, sigma) - teacher_fn(x, sigma)
-    return jnp.mean(losses.edm_weight(sigma) * jnp.sum(jnp.square(err), axis=-1))
+    return jnp.mean(losses.edm_weight(sigma) * jnp.sum(jnp.square(err).reshape(batch, -1), -1))
 
   @jax.jit
   def fit(p, k):
@@ -133,32 +137,64 @@ def build_mixture(config) -> toy.GaussianMixture:
   return toy.GaussianMixture.ring(num_modes=config.data.num_modes)
 
 
+def _mixture_module(config, mixture):
+  """(denoiser module, per-sample input shape): the MLP of network.kwargs on flat samples [B, d],
+  or, for an image mixture with network.class_name an EDM preconditioner, that image network
+  (e.g. a SongUNet, as for CIFAR-10 proper) on NHWC images [B, R, R, 3]."""
+  kwargs = config.network.kwargs.to_dict()
+  if config.network.class_name == "MLPPrecond":
+    return mlp.MLPPrecond(dim=mixture.dim, sigma_data=mixture.data_std, dtype=jnp.float32,
+                          **{k: tuple(v) if isinstance(v, (list, tuple)) else v
+                             for k, v in kwargs.items()}), (mixture.dim,)
+  if not isinstance(mixture, image_mixture.ImageMixture):
+    raise ValueError(f"network.class_name {config.network.class_name!r} needs image data "
+                     "(teacher.source 'image_mixture'); the 2-D toy takes 'MLPPrecond'")
+  from uni_instruct_jax.networks import build_network  # pylint: disable=g-import-not-at-top
+  res, channels = mixture.image_shape[0], mixture.image_shape[2]
+  if (kwargs.get("img_resolution"), kwargs.get("img_channels")) != (res, channels):
+    raise ValueError(f"network.kwargs img_resolution/img_channels must be {res}/{channels} (the "
+                     f"image mixture's), got {kwargs.get('img_resolution')}/"
+                     f"{kwargs.get('img_channels')}")
+  if kwargs.get("label_dim") or kwargs.get("augment_dim"):
+    raise ValueError("the image mixture is unconditional without augmentation: set "
+                     "network.kwargs.label_dim=0 and augment_dim=0")
+  kwargs["sigma_data"] = mixture.data_std
+  return build_network(config.network.class_name, kwargs, jnp.float32), mixture.image_shape
+
+
 def build_toy_nets(config, mixture):
   """(Nets, frozen, init_params(key) -> (generator, fake-score) params) for the toy: exact
-  teacher; generator and fake score both start from an MLP denoiser fitted to it."""
-  kwargs = dict(config.network.kwargs)
-  module = mlp.MLPPrecond(dim=mixture.dim, sigma_data=mixture.data_std, dtype=jnp.float32,
-                          **{k: tuple(v) if isinstance(v, (list, tuple)) else v
-                             for k, v in kwargs.items()})
+  teacher; generator and fake score both start from a denoiser (`_mixture_module`) fitted to it.
+  ValueError on a network that does not fit the mixture."""
+  module, shape = _mixture_module(config, mixture)
+
+  def as_input(x):  # flat [B, d] -> the module's [B, *shape]
+    return x.reshape((x.shape[0],) + shape)
+
+  def teacher_fn(x, sigma):  # exact D(x, sigma) in the module's layout
+    return as_input(mixture.denoiser(x.reshape(x.shape[0], -1), sigma))
+
   nets = nets_lib.Nets(gen=module, fake=module,
-                       teacher=lambda _, x, s, labels: mixture.denoiser(x, s),
-                       data_shape=(mixture.dim,), label_dim=0)
+                       teacher=lambda _, x, s, labels: teacher_fn(x, s),
+                       data_shape=shape, label_dim=0)
 
   def fit(key):
     k_init, k_fit = jax.random.split(key)
-    x = jnp.zeros((1, mixture.dim))
-    params = module.init(k_init, x, jnp.ones((1,)))["params"]
-    return _fit_to_teacher(module, params, mixture.denoiser, mixture.sample, k_fit,
-                           num_steps=config.teacher.fit_steps, batch=config.teacher.fit_batch,
-                           lr=config.teacher.fit_lr)
+    params = module.init(k_init, jnp.zeros((1,) + shape), jnp.ones((1,)))["params"]
+    return _fit_to_teacher(module, params, teacher_fn, lambda k, n: as_input(mixture.sample(k, n)),
+                           k_fit, num_steps=config.teacher.fit_steps,
+                           batch=config.teacher.fit_batch, lr=config.teacher.fit_lr)
 
   def init_params(key):
     if isinstance(key, jax.core.Tracer):  # jax.eval_shape: shapes only
       fitted = fit(key)
     else:  # a pure function of (key, network, fit settings, mixture): cached on disk
-      settings = {"key": np.asarray(jax.random.key_data(key)).tolist(), "network": kwargs,
+      settings = {"key": np.asarray(jax.random.key_data(key)).tolist(),
+                  "network": config.network.kwargs.to_dict(),
                   "fit": [config.teacher.fit_steps, config.teacher.fit_batch,
                           config.teacher.fit_lr]}
+      if config.network.class_name != "MLPPrecond":  # keeps the MLP's existing cache keys
+        settings["class_name"] = config.network.class_name
       fitted = _cached("teacher_fit", mixture, settings, lambda: fit(key),
                        template=jax.eval_shape(fit, key))
       fitted = jax.tree.map(jnp.asarray, fitted)

@@ -73,7 +73,8 @@ def _status_line(record: Dict[str, Any], total_kimg: float,
 
 def _toy_metrics(run: builders.Run) -> Dict[str, Any]:
   from uni_instruct_jax import toy_run  # pylint: disable=g-import-not-at-top
-  return toy_run.toy_metrics(run.mixture, lambda num, seed: eval_run.sample_ema(run, num, seed))
+  return toy_run.toy_metrics(  # flat samples [num, d], whatever the networks' layout
+      run.mixture, lambda num, seed: eval_run.sample_ema(run, num, seed).reshape(num, -1))
 
 
 def _checkpoint_meta(run: builders.Run, step: int, extra: Dict[str, Any]) -> Dict[str, Any]:

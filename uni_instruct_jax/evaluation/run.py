@@ -55,8 +55,8 @@ def write_snapshot(run: builders.Run, name: str) -> epath.Path:
     return run.workdir / name
   path = run.workdir / name
   if hasattr(run.mixture, "to_images"):  # an image_mixture.ImageMixture: 8x8 grid of images
-    sampling.save_image_grid(run.mixture.to_images(sample_ema(run, 64, run.config.sample.seed)),
-                             path, (8, 8))
+    flat = sample_ema(run, 64, run.config.sample.seed).reshape(64, -1)  # MLP or image networks
+    sampling.save_image_grid(run.mixture.to_images(flat), path, (8, 8))
   elif run.mixture is not None:
     from uni_instruct_jax import toy  # pylint: disable=g-import-not-at-top
     student = sample_ema(run, 4000, run.config.sample.seed)
