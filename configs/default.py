@@ -118,11 +118,14 @@ SCHEMA = {
     "network.kwargs.hidden": F(tuple, "MLPPrecond hidden layer widths", "[1, 65536]"),
     "network.kwargs.emb_channels": F(int, "MLPPrecond noise-embedding width", _COUNT),
 
-    "generator.init": F("teacher", "generator init: the teacher's weights, SiD-init, or from "
-                        "scratch (generator.network)", ("teacher", "sid", "scratch")),
+    "generator.init": F("teacher", "generator init: the teacher's weights, SiD-init, or (with "
+                        "generator.network) from scratch or from generator.init_path",
+                        ("teacher", "sid", "scratch", "checkpoint")),
     "generator.network": F("", "generator architecture: '' = the teacher's, or a registered "
                            "(z, labels) -> x module (networks/generators.py)", ("", "mlp", "dcgan")),
     "generator.sid_path": F("", "distilled EDM-format checkpoint for init 'sid'"),
+    "generator.init_path": F("", "init 'checkpoint': a local training workdir (its latest EMA "
+                             "generator) or a flax msgpack file of the generator.network params"),
 
     # Fake score network (+ discriminator = its encoder); augmentation applies to its inputs.
     # Values from augment.get_augment_config(): EDM's AugmentPipe, probabilities multiplier * p.

@@ -209,8 +209,8 @@ def build_image_nets(config, dataset=None):
     if jax.tree.structure(sid_vars["params"]) != jax.tree.structure(gen_params):
       raise SetupError(f"SiD-init generator {path!r} does not have the teacher's architecture")
     gen_params = sid_vars["params"]
-  elif config.generator.init not in ("teacher", "scratch"):
-    raise SetupError(f"config.generator.init must be teacher|sid|scratch, got "
+  elif config.generator.init not in ("teacher", "scratch", "checkpoint"):
+    raise SetupError(f"config.generator.init must be teacher|sid|scratch|checkpoint, got "
                      f"{config.generator.init!r}")
 
   def init_params(key):
@@ -222,22 +222,49 @@ def build_image_nets(config, dataset=None):
 
 def _check_generator(config) -> None:
   """SetupError unless generator.network / generator.init / loss.method agree: a registered
-  network starts from scratch, the teacher's architecture from the teacher or a SiD generator,
-  and sid2a needs init 'sid'."""
+  network starts from scratch or from its own checkpoint (generator.init_path), the teacher's
+  architecture from the teacher or a SiD generator, and sid2a needs init 'sid'."""
   network, init = config.generator.network, config.generator.init
-  if network and init != "scratch":
-    raise SetupError(f"config.generator.network {network!r} is trained from scratch: set "
-                     f"config.generator.init='scratch' (got {init!r})")
-  if not network and init == "scratch":
-    raise SetupError("config.generator.init='scratch' needs config.generator.network")
+  if network and init not in ("scratch", "checkpoint"):
+    raise SetupError(f"config.generator.network {network!r} is trained from scratch or from its "
+                     f"own checkpoint: set config.generator.init='scratch' or 'checkpoint' (got "
+                     f"{init!r})")
+  if not network and init in ("scratch", "checkpoint"):
+    raise SetupError(f"config.generator.init={init!r} needs config.generator.network")
+  if init == "checkpoint" and not config.generator.init_path:
+    raise SetupError("config.generator.init='checkpoint' needs config.generator.init_path (a "
+                     "training workdir or a flax msgpack file of the generator's params)")
   if losses.method_settings(config.loss.method)["generator_init"] == "sid" and init != "sid":
     raise SetupError(f"config.loss.method {config.loss.method!r} starts from a SiD-distilled "
                      f"generator: set config.generator.init='sid' and generator.sid_path")
 
 
+def _read_generator_params(path: str) -> Any:
+  """The params tree at config.generator.init_path: a local training workdir's latest EMA
+  generator (export.restore_params), or a flax msgpack file (`flax.serialization.to_bytes` of the
+  params, or of {'params': params}). Never unpickles; SetupError (one line) when unreadable."""
+  where = f"config.generator.init_path {path!r}"
+  target = paths.workdir_path(path)
+  if not target.exists():
+    raise SetupError(f"{where} does not exist")
+  if target.is_dir():
+    from uni_instruct_jax import export  # pylint: disable=g-import-not-at-top
+    try:
+      return export.restore_params(path)[1]["ema_params"]
+    except export.ExportError as e:
+      raise SetupError(f"{where}: {e}") from None
+  from flax import serialization  # pylint: disable=g-import-not-at-top
+  try:
+    tree = serialization.msgpack_restore(target.read_bytes())
+  except Exception as e:  # pylint: disable=broad-except  (msgpack raises many types on bad bytes)
+    raise SetupError(f"{where}: not a flax msgpack file ({type(e).__name__})") from None
+  return tree["params"] if isinstance(tree, dict) and set(tree) == {"params"} else tree
+
+
 def with_generator_network(config, nets: nets_lib.Nets, init_params: Callable):
-  """(nets, init_params) with the generator replaced by config.generator.network (from scratch;
-  the fake score keeps the teacher's architecture); unchanged when it is ''."""
+  """(nets, init_params) with the generator replaced by config.generator.network, starting from
+  scratch or from the checked params at generator.init_path (the fake score keeps the teacher's
+  architecture); unchanged when it is ''."""
   if not config.generator.network:
     return nets, init_params
   from uni_instruct_jax.networks import generators  # pylint: disable=g-import-not-at-top
@@ -245,9 +272,20 @@ def with_generator_network(config, nets: nets_lib.Nets, init_params: Callable):
     module = generators.build_generator(config.generator.network, nets.data_shape)
   except ValueError as e:
     raise SetupError(f"config.generator.network: {e}") from e
+  saved = None
+  if config.generator.init == "checkpoint":
+    path = config.generator.init_path
+    params = _read_generator_params(path)
+    try:
+      saved = generators.check_params(module, nets.label_dim, params)
+    except ValueError as e:
+      raise SetupError(f"config.generator.init_path {path!r} is not a {config.generator.network!r} "
+                       f"generator for {list(nets.data_shape)} samples: {e}") from None
 
   def init(key):
     _, fake = init_params(key)
+    if saved is not None:
+      return saved, fake
     return generators.init_generator(module, jax.random.fold_in(key, 1), nets.label_dim), fake
 
   return dataclasses.replace(nets, gen=module, gen_is_denoiser=False), init

@@ -1,7 +1,8 @@
 """Generator architectures other than the teacher's (issue 10 §5): Flax modules mapping
 (z [B, *data_shape] ~ N(0, I), one-hot labels [B, label_dim] or None) -> samples [B, *data_shape]
-in data units, trained from scratch (Diff-Instruct's "any generator whose samples are
-differentiable in its parameters"). The fake score always keeps the teacher's architecture.
+in data units, trained from scratch or from their own earlier parameters (Diff-Instruct's "any
+generator whose samples are differentiable in its parameters"). The fake score always keeps the
+teacher's architecture.
 
 Registry GENERATORS (config `generator.network`):
   'mlp': a 3-layer SiLU MLP on the flattened latent and label (any data shape; the toy's 2-D points).
@@ -9,12 +10,15 @@ Registry GENERATORS (config `generator.network`):
     latent and label to a 4x4 (side/4) map, two nearest-neighbour x2 upsamplings with 3x3 convs.
 """
 
+import functools
 import math
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class MLPGenerator(nn.Module):
@@ -74,3 +78,29 @@ def init_generator(module: nn.Module, key, label_dim: int):
   z = jnp.zeros((1,) + tuple(module.data_shape), jnp.float32)
   labels = jnp.zeros((1, label_dim), jnp.float32) if label_dim else None
   return module.init(key, z, labels)["params"]
+
+
+def check_params(module: nn.Module, label_dim: int, params: Any) -> Any:
+  """`params` (nested dicts of arrays, e.g. restored from a checkpoint) as numpy arrays, after
+  checking them against the tree of `init_generator` (traced, no compute): ValueError naming the
+  first key, in sorted order, that is missing, unexpected, not an array, of another shape or
+  dtype, or non-finite."""
+  expected = traverse_util.flatten_dict(jax.eval_shape(
+      functools.partial(init_generator, module, label_dim=label_dim), jax.random.key(0)))
+  if not isinstance(params, dict) or not params:
+    raise ValueError(f"not a tree of parameters (a {type(params).__name__})")
+  got = traverse_util.flatten_dict(params)
+  for key in sorted(set(expected) | set(got), key=lambda k: "/".join(map(str, k))):
+    name, want, value = "/".join(map(str, key)), expected.get(key), got.get(key)
+    if value is None:
+      raise ValueError(f"missing key {name} (a {type(module).__name__} has it)")
+    if want is None:
+      raise ValueError(f"unexpected key {name}: a {type(module).__name__} has no such parameter")
+    if not isinstance(value, (np.ndarray, jax.Array)):
+      raise ValueError(f"key {name}: not an array (a {type(value).__name__})")
+    if (value.shape, value.dtype) != (want.shape, want.dtype):
+      raise ValueError(f"key {name}: {value.dtype.name}{list(value.shape)} but the generator "
+                       f"expects {want.dtype.name}{list(want.shape)}")
+    if not np.all(np.isfinite(value)):
+      raise ValueError(f"key {name}: non-finite values")
+  return traverse_util.unflatten_dict({k: np.asarray(v) for k, v in got.items()})
