@@ -60,10 +60,12 @@ def _processes(commands, env, logs):
   """Starts each command i (cwd ROOT, env) in a session of its own, stdout and stderr to the files
   logs/i.out and logs/i.err (files, not pipes, so no process blocks on a full pipe); yields the
   Popens. On leaving, also on a failure or timeout, every process left in those sessions (the
-  training processes of a launcher too) is killed: none outlives the test."""
+  training processes of a launcher too) is killed: none outlives the test. A SIGTERM to pytest
+  (a CI timeout) stops the session as Ctrl-C does, through the same cleanup."""
   logs = pathlib.Path(logs)
   logs.mkdir(parents=True, exist_ok=True)
   procs = []
+  previous = signal.signal(signal.SIGTERM, _interrupt)
   try:
     for i, command in enumerate(commands):
       with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
@@ -77,6 +79,12 @@ def _processes(commands, env, logs):
       except ProcessLookupError:  # nothing left in the session
         pass
       proc.wait()
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
 
 
 def _tail(path, chars=3000):
