@@ -21,12 +21,20 @@ stop_all() {
   sleep 2
   for pid in "${pids[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
 }
-trap 'stop_all; exit 130' INT TERM
+trap 'stop_all; exit 130' INT TERM HUP
+# prefix P: each input line as "[P] line", at once (sed would hold lines back in its buffer).
+prefix() {
+  local line
+  while IFS= read -r line || [ -n "$line" ]; do printf '[%s] %s\n' "$1" "$line"; done
+}
 
 for ((p = 0; p < num; p++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$devices ${XLA_FLAGS:-}" \
-    PYTHONUNBUFFERED=1 $PYTHON -m uni_instruct_jax.main --coordinator_address="127.0.0.1:$port" --num_processes="$num" \
-    --process_id="$p" "$@" > >(sed "s/^/[$p] /") 2>&1 &
+  # The device count last in XLA_FLAGS (the last occurrence wins) and in JAX_NUM_CPU_DEVICES
+  # (which overrides the flag), so that neither set in the caller's environment changes it.
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=$devices" \
+    JAX_NUM_CPU_DEVICES="$devices" PYTHONUNBUFFERED=1 $PYTHON -m uni_instruct_jax.main \
+    --coordinator_address="127.0.0.1:$port" --num_processes="$num" --process_id="$p" "$@" \
+    > >(prefix "$p") 2>&1 &
   pids+=("$!")
 done
 

@@ -3,12 +3,14 @@ the code path of a pod. Every run goes through launch/local_multiprocess.sh N wi
 DEVICES_PER_PROCESS fake CPU devices per process, so "1 x 4" and "2 x 2" are the same 4-device mesh.
 
 In CI (slow): toy2d under the launcher writes the summary.json metrics of a single-process run,
-and each process reads its own rows while evaluation gathers only features. With
-UNI_INSTRUCT_FULL_SCALE_TESTS=1 also (minutes each on 2 cores): the tiny image config on 2 x 2 ends
-with the parameters and metrics of 1 x 4, resuming a 2-process checkpoint with 1 process (and the
-reverse), and kill -9 of one process (docs/scale.md lists the runtimes).
+a 2-process checkpoint resumes with 1 process (and the reverse), and each process reads its own
+rows while evaluation gathers only features. With UNI_INSTRUCT_FULL_SCALE_TESTS=1 also (minutes
+each on 2 cores): the tiny image config on 2 x 2 ends with the parameters and metrics of 1 x 4,
+and kill -9 of one process (docs/scale.md lists the runtimes). Every process a test starts is
+killed when the test ends, also on a failure or timeout.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -46,16 +48,60 @@ def _toy(steps):
 
 
 def _env(devices):
+  """Environment of processes with `devices` CPU devices each (launched or not), whatever the
+  caller's XLA_FLAGS or JAX_NUM_CPU_DEVICES say."""
   return dict(os.environ, PYTHON=sys.executable, DEVICES_PER_PROCESS=str(devices),
-              JAX_PLATFORMS="cpu")
+              JAX_PLATFORMS="cpu", JAX_NUM_CPU_DEVICES=str(devices),
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
-def _launch(num, devices, workdir, flags, timeout=900):
-  """Runs `launch/local_multiprocess.sh num` (devices per process); returns summary.json."""
-  proc = subprocess.run(["bash", str(LAUNCH), str(num), f"--workdir={workdir}", *flags],
-                        cwd=ROOT, env=_env(devices), capture_output=True, text=True,
-                        timeout=timeout)
-  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+@contextlib.contextmanager
+def _processes(commands, env, logs):
+  """Starts each command i (cwd ROOT, env) in a session of its own, stdout and stderr to the files
+  logs/i.out and logs/i.err (files, not pipes, so no process blocks on a full pipe); yields the
+  Popens. On leaving, also on a failure or timeout, every process left in those sessions (the
+  training processes of a launcher too) is killed: none outlives the test. A SIGTERM to pytest
+  (a CI timeout) stops the session as Ctrl-C does, through the same cleanup."""
+  logs = pathlib.Path(logs)
+  logs.mkdir(parents=True, exist_ok=True)
+  procs = []
+  previous = signal.signal(signal.SIGTERM, _interrupt)
+  try:
+    for i, command in enumerate(commands):
+      with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
+        procs.append(subprocess.Popen(command, cwd=ROOT, env=env, stdout=out, stderr=err,
+                                      start_new_session=True))
+    yield procs
+  finally:
+    for proc in procs:
+      try:
+        os.killpg(proc.pid, signal.SIGKILL)
+      except ProcessLookupError:  # nothing left in the session
+        pass
+      proc.wait()
+    signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt
+
+
+def _tail(path, chars=3000):
+  return pathlib.Path(path).read_text()[-chars:]
+
+
+def _launch(num, devices, workdir, flags, timeout=1800):
+  """Runs `launch/local_multiprocess.sh num` (devices per process; output in workdir.log/);
+  returns summary.json."""
+  logs = pathlib.Path(f"{workdir}.log")
+  with _processes([["bash", str(LAUNCH), str(num), f"--workdir={workdir}", *flags]],
+                  _env(devices), logs) as (proc,):
+    try:
+      proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      pytest.fail(f"still running after {timeout} s (killed):\n{_tail(logs / '0.out', 2000)}")
+  assert proc.returncode == 0, _tail(logs / "0.out", 2000) + _tail(logs / "0.err")
   return json.loads((pathlib.Path(workdir) / "summary.json").read_text())
 
 
@@ -134,7 +180,6 @@ def _truncate(src, dst, step):
       shutil.rmtree(ckpt)
 
 
-@FULL
 @pytest.mark.slow
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_resume_on_another_process_count(toy_runs, tmp_path, before, after):
@@ -155,27 +200,20 @@ def test_kill_one_process_then_resume(tmp_path):
   never hangs; the launcher then resumes from the last checkpoint."""
   workdir = tmp_path / "w"
   port = _free_port()
-  env = dict(_env(2), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "uni_instruct_jax.main", f"--coordinator_address=127.0.0.1:{port}",
-       "--num_processes=2", f"--process_id={p}", f"--workdir={workdir}", *_toy(400),
-       "--config.ckpt.every_ticks=5"],
-      cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-      for p in (0, 1)]
-  try:
-    deadline = time.monotonic() + 600
+  commands = [[sys.executable, "-m", "uni_instruct_jax.main",
+               f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={p}",
+               f"--workdir={workdir}", *_toy(400), "--config.ckpt.every_ticks=5"] for p in (0, 1)]
+  with _processes(commands, _env(2), tmp_path / "logs") as procs:
+    deadline = time.monotonic() + 900
     while not (workdir / "checkpoints" / "5").is_dir():
-      assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+      assert time.monotonic() < deadline and all(p.poll() is None for p in procs), (
+          _tail(tmp_path / "logs" / "0.err"))
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGKILL)
     killed = time.monotonic()
-    _, stderr = procs[0].communicate(timeout=120)
+    procs[0].wait(timeout=120)
     waited = time.monotonic() - killed
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-        p.wait()
+  stderr = (tmp_path / "logs" / "0.err").read_text()
   assert procs[0].returncode != 0
   assert waited <= 60, f"process 0 took {waited:.0f} s to stop"
   last = stderr.strip().splitlines()[-1]
@@ -207,18 +245,18 @@ print(json.dumps({"rows": rows, "full": full.tolist(), "feats": np.asarray(feats
 
 
 @pytest.mark.slow
-def test_process_rows_and_feature_gather():
+def test_process_rows_and_feature_gather(tmp_path):
   """Each of 2 processes reads its half of a global batch from its own shards (sharded or
   replicated); the detector gathers only features, in global order."""
   port = _free_port()
-  env = dict(_env(2), XLA_FLAGS="--xla_force_host_platform_device_count=2")
-  procs = [subprocess.Popen([sys.executable, "-c", _ROWS_SCRIPT, f"127.0.0.1:{port}", str(p)],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True) for p in (0, 1)]
-  outs = [p.communicate(timeout=300) for p in procs]
-  for p, (_, err) in zip(procs, outs):
-    assert p.returncode == 0, err[-3000:]
-  results = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
+  logs = tmp_path / "logs"
+  with _processes([[sys.executable, "-c", _ROWS_SCRIPT, f"127.0.0.1:{port}", str(p)]
+                   for p in (0, 1)], _env(2), logs) as procs:
+    for proc in procs:
+      proc.wait(timeout=300)
+  for p, proc in enumerate(procs):
+    assert proc.returncode == 0, _tail(logs / f"{p}.err")
+  results = [json.loads((logs / f"{p}.out").read_text().strip().splitlines()[-1]) for p in (0, 1)]
   full = np.asarray(results[0]["full"])
   for p, result in enumerate(results):
     for name in ("sharded", "replicated"):
