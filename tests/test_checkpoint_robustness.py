@@ -456,3 +456,21 @@ def test_keep_zero_is_rejected():
   config.ckpt.keep = 0
   with pytest.raises(config_schema.ConfigError, match="ckpt.keep"):
     config_schema.validate(config)
+
+
+def test_saved_config_check_accepts_fields_added_at_their_default(tmp_path):
+  """A workdir saved before a field existed resumes when the field is at its schema default;
+  any other difference (or the new field set away from its default) is refused on one line."""
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  config = runpy.run_path(str(ROOT / "configs" / "toy2d.py"))["get_config"]()
+  saved = json.loads(config.to_json_best_effort())
+  del saved["generator"]["init_path"]  # as written by a version without the field
+  (tmp_path / "config.json").write_text(json.dumps(saved))
+  builders._check_saved_config(config, epath.Path(tmp_path))  # pylint: disable=protected-access
+  config.generator.init_path = "/elsewhere"
+  with pytest.raises(SetupError, match=r"generator.init_path: None -> '/elsewhere'"):
+    builders._check_saved_config(config, epath.Path(tmp_path))  # pylint: disable=protected-access
+  config.generator.init_path = ""
+  config.optim.lr = 0.5
+  with pytest.raises(SetupError, match=r"optim.lr: 0.001 -> 0.5"):
+    builders._check_saved_config(config, epath.Path(tmp_path))  # pylint: disable=protected-access

@@ -122,7 +122,13 @@ def _check_saved_config(config: ml_collections.ConfigDict, workdir: epath.Path) 
   except (ValueError, OSError) as e:
     raise SetupError(f"{path} is not readable JSON ({e}); move it away to start afresh") from e
   current = _flatten_config(json.loads(config.to_json_best_effort()))
-  differing = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+  # A field added by a newer version of the code, at its schema default, does not change the run.
+  schema, _ = config_schema.load_schema()
+  added_at_default = {k for k in set(current) - set(saved) if k in schema
+                      and schema[k].has_default
+                      and current[k] == json.loads(json.dumps(schema[k].default))}
+  differing = sorted(k for k in (set(saved) | set(current)) - added_at_default
+                     if saved.get(k) != current.get(k))
   refused = [k for k in differing if not k.startswith(RESUMABLE_CHANGES)]
   if refused:
     shown = ", ".join(f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in refused[:3])
