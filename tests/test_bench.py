@@ -45,7 +45,7 @@ def test_bench_cli_smoke_on_tiny():
   for key in ("sec_per_kimg", "images_per_sec", "sample_images_per_sec", "step_ms",
               "peak_memory_gb", "compute_dtype", "batch", "params_m", "devices", "device_kind",
               "flops_per_image", "mfu", "compiled_memory_gb", "flops_ratio",
-              "analytic_fwd_equivalents", "xla_flops_ratio"):
+              "analytic_fwd_equivalents", "xla_flops_ratio", "residual_memory_gb"):
     assert key in record, key
   assert record["batch"] == 8 and record["devices"] == 1 and record["device_kind"] == "cpu"
   assert record["compute_dtype"] == "float32" and record["mfu"] is None
@@ -64,6 +64,17 @@ def test_bench_cli_smoke_on_tiny():
   assert 11 < record["analytic_fwd_equivalents"] < 14
   assert 0.95 < record["xla_flops_ratio"] < 1.08
   assert record["peak_memory_gb"] is None or record["peak_memory_gb"] > 0
+
+
+def test_remat_cuts_the_residuals_a_backward_pass_keeps():
+  """residual_memory_gb (traced, no compile): 'block' keeps only the UNet blocks' inputs,
+  'block_save_convs' also their convolution outputs; both well under no remat."""
+  got = {}
+  for remat in ("", "block", "block_save_convs"):
+    config = tiny_config()
+    config.network.remat = remat
+    got[remat] = bench.benchmark(config, memory_only=True)["residual_memory_gb"]
+  assert got["block"] < got["block_save_convs"] < 0.6 * got[""]
 
 
 def _loss_curve(config, workdir, steps):

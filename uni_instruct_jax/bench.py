@@ -3,6 +3,7 @@
   python -m uni_instruct_jax.bench --config=configs/cifar10.py --batch=64 --compute_dtype=bfloat16
   python -m uni_instruct_jax.bench --config=configs/tiny.py --steps=3          # CPU smoke
   python -m uni_instruct_jax.bench --config=configs/cifar10.py --batch=64 --compile_only  # no run
+  python -m uni_instruct_jax.bench --config=configs/cifar10.py --batch=64 --memory_only --remat=block
 
 Builds random-init teacher / fake score / generator of the config's real architecture (no
 checkpoint, no dataset: real images are random data of the right shape), compiles the two step
@@ -16,6 +17,13 @@ of one phase), warms them up, then times `--steps` calls of each and prints one 
   compiled_memory_gb             XLA's memory analysis of the iteration: the larger of the two
                                  programs' arguments + outputs + temporaries - aliased (donated)
                                  bytes, GiB (the programs run one after the other).
+  residual_memory_gb             what one differentiated network forward keeps for its backward
+                                 pass (JAX's vjp residuals w.r.t. params and input, train mode, at
+                                 the global batch), GiB: the activation memory `network.remat`
+                                 controls, counted by tracing only (any backend, no compile). The
+                                 generator update holds three such passes at once (generator,
+                                 teacher, fake score). XLA:CPU's compiled_memory_gb does not show
+                                 remat (docs/performance.md); this does.
   compute_dtype, batch (global), params_m (one network, millions), devices, device_kind,
   flops_per_image                XLA's count for all passes of one iteration, per image.
   flops_ratio                    XLA FLOPs of the generator program / the fake-score program.
@@ -65,6 +73,7 @@ flags.DEFINE_integer("warmup", 2, "Untimed calls after compilation.")
 flags.DEFINE_enum("compute_dtype", None, ["bfloat16", "float32"],
                   "Network compute dtype (params, losses and Adam stay float32); default: config.")
 flags.DEFINE_bool("compile_only", False, "Compile and analyse (FLOPs, memory) without running.")
+flags.DEFINE_bool("memory_only", False, "Only residual_memory_gb (traced, no compile; seconds).")
 flags.DEFINE_enum("remat", None, list(layers.REMAT_POLICIES),
                   "UNet block rematerialisation (network.remat); default: config.")
 flags.mark_flags_as_required(["config"])
@@ -155,6 +164,21 @@ def analytic_fwd_equivalents(encoder_share: float, trains_discriminator: bool,
   return fake + 3 + 2 + 2
 
 
+def residual_memory_gb(nets, frozen, params, data) -> float:
+  """GiB of the residuals jax.vjp keeps from one fake-network forward (train mode, w.r.t. params
+  and input) for its backward pass, at the batch of `data`; traced with eval_shape, no compute."""
+  labels = data["label"] if nets.label_dim else None
+  sigma = jnp.ones((data["image"].shape[0],), jnp.float32)
+  variables = nets_lib.variables(params, frozen["buffers"])
+
+  def forward(v, x):
+    return nets.fake.apply(v, x, sigma, labels, None, train=True,
+                           rngs={"dropout": jax.random.key(0)})
+
+  residuals = jax.eval_shape(lambda v, x: jax.vjp(forward, v, x)[1], variables, data["image"])
+  return sum(r.size * r.dtype.itemsize for r in jax.tree.leaves(residuals)) / 2 ** 30
+
+
 def _forward_flops(nets, frozen, params, data, augment_pipe):
   """XLA FLOPs (total over devices) of one fake-network forward, of its encoder alone, and of one
   augment-pipe call, at the global batch."""
@@ -174,9 +198,10 @@ def _forward_flops(nets, frozen, params, data, augment_pipe):
   return forward, encoder, augment
 
 
-def benchmark(config, steps: int = 10, warmup: int = 2, compile_only: bool = False
-              ) -> Dict[str, Any]:
-  """Times one distillation iteration of `config` on random data; returns the JSON record."""
+def benchmark(config, steps: int = 10, warmup: int = 2, compile_only: bool = False,
+              memory_only: bool = False) -> Dict[str, Any]:
+  """Times one distillation iteration of `config` on random data; returns the JSON record.
+  memory_only: trace only (seconds, no compile): residual_memory_gb and the run's shape."""
   config = config.copy_and_resolve_references()
   config.teacher.source = "random"
   batch = config.training.batch_size
@@ -199,6 +224,10 @@ def benchmark(config, steps: int = 10, warmup: int = 2, compile_only: bool = Fal
   labels = jax.nn.one_hot(jax.random.randint(key_c, (batch,), 0, max(nets.label_dim, 1)),
                           nets.label_dim)
   data = jax.device_put({"image": images, "label": labels}, parallel.data_sharding(mesh))
+  if memory_only:
+    return {"residual_memory_gb": residual_memory_gb(nets, frozen, params[1], data),
+            "compute_dtype": str(config.network.dtype), "remat": config.network.remat,
+            "batch": batch, "params_m": sum(x.size for x in jax.tree.leaves(params[0])) / 1e6}
   # Past warm-up and the SiD-only phase: the generator runs the configured divergence loss.
   late = int(max(step_cfg.sid_images, step_cfg.warmup_images, 0)) + batch
   phase = steps_lib.phase_at(late, step_cfg)
@@ -225,6 +254,7 @@ def benchmark(config, steps: int = 10, warmup: int = 2, compile_only: bool = Fal
   iteration_flops = None if None in flops.values() else sum(flops.values()) * devices
   record = {
       "compiled_memory_gb": None if None in memory else max(memory),
+      "residual_memory_gb": residual_memory_gb(nets, frozen, params[1], data),
       "compute_dtype": str(config.network.dtype),
       "remat": config.network.remat,
       "batch": batch,
@@ -298,7 +328,8 @@ def main(argv):
     if FLAGS.remat is not None:
       config.network.remat = FLAGS.remat
   record = {"config": config_flags.get_config_filename(FLAGS["config"]),
-            **benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.compile_only)}
+            **benchmark(config, FLAGS.steps, FLAGS.warmup, FLAGS.compile_only,
+                        FLAGS.memory_only)}
   print(json.dumps(record), flush=True)
 
 
