@@ -17,15 +17,20 @@ ZIP = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "
 def test_grid_rows_match_the_issue():
   toy_rows = compare.grid_rows("toy2d")
   image_rows = compare.grid_rows("image_mixture")
-  assert len(toy_rows) == len(image_rows) + 1  # the unclipped row
-  assert sum(r.seeds for r in image_rows) == 4 * 3 + 10
-  multi = {(r.method, r.divergence) for r in image_rows if r.seeds == 3}
+  unet_rows = [r for r in image_rows if r.network == "songunet"]
+  assert [(r.method, r.mode, r.divergence, r.seeds) for r in unet_rows] == [
+      ("sid", "official", "reverse_kl", 1), ("uni_instruct", "exact", "forward_kl", 1)]
+  mlp_rows = [r for r in image_rows if r.network == "mlp"]
+  assert len(toy_rows) == len(mlp_rows) + 1  # the unclipped row
+  assert sum(r.seeds for r in mlp_rows) == 4 * 3 + 10
+  multi = {(r.method, r.divergence) for r in mlp_rows if r.seeds == 3}
   assert multi == {("sid", "reverse_kl"), ("uni_instruct", "reverse_kl"),
                    ("uni_instruct", "forward_kl"), ("uni_instruct", "jeffreys")}
-  exact = {r.divergence for r in image_rows if r.mode == "exact"}
+  exact = {r.divergence for r in mlp_rows if r.mode == "exact"}
   assert exact == set(compare.DIVERGENCES)
-  ids = [compare.row_id(r, s) for r in toy_rows for s in range(r.seeds)]
-  assert len(ids) == len(set(ids))
+  for rows in (toy_rows, image_rows):
+    ids = [compare.row_id(r, s) for r in rows for s in range(r.seeds)]
+    assert len(ids) == len(set(ids))
 
 
 def test_row_config_knobs_and_unclipped_row():
