@@ -63,8 +63,11 @@ _TOY = ["--config=configs/toy2d.py", "--config.training.total_kimg=307.2",
 @pytest.mark.slow
 def test_ctrl_c_names_the_checkpoint_and_the_same_command_resumes(tmp_path):
   command = _main(*_TOY, f"--workdir={tmp_path}")
+  # SIGINT at its default in the child even when pytest runs as a background job of a
+  # non-interactive shell (which starts it with SIGINT ignored, inherited by its children).
   proc = subprocess.Popen(command, cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   lines = []
   try:
     for line in proc.stdout:  # the first status line (tick 1) is followed by its checkpoint
