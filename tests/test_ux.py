@@ -82,7 +82,7 @@ def test_ctrl_c_names_the_checkpoint_and_the_same_command_resumes(tmp_path):
   finally:
     proc.kill()
   lines += out.splitlines(keepends=True)
-  assert proc.returncode == 130, err[-3000:]
+  assert proc.returncode == 130, "".join(lines)[-2000:] + err[-3000:]
   assert "Traceback" not in err
   last = err.strip().splitlines()[-1]
   step = max(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
