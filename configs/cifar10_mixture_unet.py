@@ -16,16 +16,13 @@ import runpy
 
 _here = pathlib.Path(__file__).resolve()
 _mixture = runpy.run_path(str(_here.with_name("cifar10_mixture.py")))["get_config"]
+_tiny = runpy.run_path(str(_here.with_name("tiny.py")))["get_config"]
 
 
 def get_config():
   c = _mixture()
   c.network.class_name = "EDMPrecond"
-  c.network.kwargs = dict(
-      img_resolution=8, img_channels=3, label_dim=0, model_type="SongUNet", model_channels=16,
-      channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0.0, augment_dim=0,
-      embedding_type="positional", encoder_type="standard", decoder_type="standard",
-      channel_mult_noise=1, resample_filter=(1, 1))
+  c.network.kwargs = dict(_tiny().network.kwargs.to_dict(), label_dim=0, dropout=0.0)
   c.teacher.fit_steps = 2000
   c.teacher.fit_batch = 64
   # Batch 64 instead of 256 (the MLP's), the same 2000 generator steps: every kimg knob / 4.

@@ -31,3 +31,12 @@ def shared_path(*parts: str) -> pathlib.Path:
   if not path.exists():
     pytest.skip(f"shared file {path} not found (../shared beside the project root is needed)")
   return path
+
+
+def set_config_value(config, path, value) -> None:
+  """Sets config[path[0]]...[path[-1]] = value (path: the key's parts, e.g. ('loss', 'mode'))."""
+  *parents, name = path
+  node = config
+  for part in parents:
+    node = node[part]
+  node[name] = value

@@ -21,6 +21,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
+from conftest import set_config_value
 from uni_instruct_jax import builders
 from uni_instruct_jax import config_schema
 from uni_instruct_jax import metrics_log
@@ -51,11 +52,7 @@ _TOY = {"teacher.fit_steps": 10, "training.batch_size": 64, "training.total_kimg
 def _toy_config():
   config = runpy.run_path(str(ROOT / "configs" / "toy2d.py"))["get_config"]()
   for key, value in _TOY.items():
-    *parents, name = key.split(".")
-    node = config
-    for part in parents:
-      node = node[part]
-    node[name] = value
+    set_config_value(config, key.split("."), value)
   return config
 
 

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import set_config_value
 from conftest import shared_path
 from flax import serialization
 from uni_instruct_jax import builders
@@ -37,11 +38,7 @@ def load_config(name, **overrides):
   """configs/<name> with overrides 'section__key' (nested: 'loss__overrides__gan_weight')."""
   config = runpy.run_path(str(CONFIGS / name))["get_config"]()
   for key, value in overrides.items():
-    *path, field = key.split("__")
-    node = config
-    for part in path:
-      node = node[part]
-    node[field] = value
+    set_config_value(config, key.split("__"), value)
   return config
 
 
