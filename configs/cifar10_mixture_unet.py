@@ -6,9 +6,10 @@ configs/cifar10_mixture.py (the exact image-mixture teacher, the toy recipe) wit
 the fake score a DDPM++ SongUNet behind EDMPrecond, as for CIFAR-10 proper (same modules, same
 trainer path), at the mixture's 8x8x3 and with sigma_data the mixture's pixel std. The SongUNet is
 the one of configs/tiny.py without labels, augment conditioning or dropout (0.19 M parameters).
-It is fitted to the exact teacher like the MLP (cached). On CPU a SongUNet step at batch 256 costs
-~15x the MLP's, so this config runs the MLP config's 2000 generator steps at batch 64 with a
-2000-step fit (the MLP: batch 256, 10,000 fit steps); docs/results.md lists both per row.
+It is fitted to the exact teacher like the MLP (cached). A SongUNet step costs far more CPU time
+than the MLP's (not timed at batch 256), so this config runs the MLP config's 2000 generator steps
+at batch 64 with a 2000-step fit (the MLP: batch 256, 10,000 fit steps); docs/results.md lists both
+per row.
 """
 
 import pathlib
