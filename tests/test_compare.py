@@ -22,7 +22,10 @@ def test_grid_rows_match_the_issue():
       ("sid", "official", "reverse_kl", 1), ("uni_instruct", "exact", "forward_kl", 1)]
   mlp_rows = [r for r in image_rows if r.network == "mlp"]
   assert len(toy_rows) == len(mlp_rows) + 1  # the unclipped row
-  assert sum(r.seeds for r in mlp_rows) == 4 * 3 + 10
+  assert sum(r.seeds for r in mlp_rows) == 4 * 3 + 10 + 1  # + the w_f-normaliser row
+  wf = [r for r in toy_rows if r.normalizer]
+  assert [(r.mode, r.divergence, r.normalizer, r.seeds) for r in wf] == [
+      ("exact", "forward_kl", "w_f", 3)]
   multi = {(r.method, r.divergence) for r in mlp_rows if r.seeds == 3}
   assert multi == {("sid", "reverse_kl"), ("uni_instruct", "reverse_kl"),
                    ("uni_instruct", "forward_kl"), ("uni_instruct", "jeffreys")}
@@ -46,6 +49,12 @@ def test_row_config_knobs_and_unclipped_row():
   assert "ratio_clip" in base.loss.overrides  # the base is not modified
   sid = compare.row_config(base, rows["SiD (alpha 1.2)"], 0)
   assert (sid.loss.method, sid.loss.divergence) == ("sid", "reverse_kl")
+  wf_row = rows["UI exact forward_kl, w_f normaliser"]
+  wf = compare.row_config(base, wf_row, 1)
+  assert wf.loss.overrides.normalizer == "w_f" and base.loss.overrides.normalizer == "sigma"
+  assert compare.row_id(wf_row, 1) == "uni_instruct-exact-forward_kl-wf-s1"
+  cells = compare._knob_cells(wf_row, [], base)  # pylint: disable=protected-access
+  assert cells[2] == "exact (n: w_f)"
 
 
 def test_bad_input_is_one_line_error():
@@ -73,9 +82,9 @@ def test_fit_cache_reuses_the_stored_value(tmp_path, monkeypatch):
     calls.append(1)
     return {"w": np.arange(3.0)}
   template = {"w": np.zeros(3)}
-  first = toy_run._cached("fit", mixture, {"steps": 3}, compute, template)
-  second = toy_run._cached("fit", mixture, {"steps": 3}, compute, template)
-  other = toy_run._cached("fit", mixture, {"steps": 4}, compute, template)
+  first = toy_run.cached_on_disk("fit", mixture, {"steps": 3}, compute, template)
+  second = toy_run.cached_on_disk("fit", mixture, {"steps": 3}, compute, template)
+  other = toy_run.cached_on_disk("fit", mixture, {"steps": 4}, compute, template)
   assert len(calls) == 2  # the second call read the cache; other settings -> another entry
   np.testing.assert_array_equal(second["w"], first["w"])
   np.testing.assert_array_equal(other["w"], np.arange(3.0))
@@ -98,7 +107,11 @@ def test_compare_end_to_end_on_a_tiny_image_mixture(tmp_path, monkeypatch):
     line = next(l for l in text.splitlines() if l.startswith(f"| {name} |"))
     assert "| 1/3 |" in line and "–" not in line.split("|")[10]
   assert "UI exact forward_kl: modes >= 95%" in text
-  assert "2/24 runs of the image_mixture grid finished" in text
+  assert "2/25 runs of the image_mixture grid finished" in text
+  ceilings = json.loads((out / "image_mixture" / "ceilings.json").read_text())
+  assert ceilings["ode_regression"]["settings"]["steps"] == 20
+  assert "regressed on the exact teacher's ODE map (20 steps" in text
+  assert "Told the answer" in text and "The denoiser the seed-0 MLP rows start from" in text
   row = json.loads((out / "image_mixture" / "sid-official-reverse_kl-s0" / "row.json").read_text())
   assert len(row["commit"]) >= 40
   summary = json.loads((out / "image_mixture" / "sid-official-reverse_kl-s0" /

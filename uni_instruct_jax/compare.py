@@ -42,6 +42,7 @@ UNCLIPPED = "none"
 DIVERGENCES = ("reverse_kl", "forward_kl", "jeffreys", "jensen_shannon", "pearson_chi2",
                "neyman_chi2", "squared_hellinger")
 MULTI_SEED = 3
+CEILINGS = "ceilings.json"  # mixture_ceilings.ceilings of the image grid's base config.
 
 
 class CompareError(ValueError):
@@ -58,9 +59,13 @@ class Row:
   seeds: int
   clip: Optional[str] = None  # UNCLIPPED: remove the config's ratio clip; None: keep it.
   network: str = "mlp"        # "songunet": IMAGE_NETWORK_CONFIG's networks and fit (image grid).
+  normalizer: Optional[str] = None  # loss.overrides.normalizer of an exact row (None: config's).
 
   def overrides(self) -> Dict[str, Any]:
-    return {"loss.method": self.method, "loss.mode": self.mode, "loss.divergence": self.divergence}
+    out = {"loss.method": self.method, "loss.mode": self.mode, "loss.divergence": self.divergence}
+    if self.normalizer:
+      out["loss.overrides.normalizer"] = self.normalizer
+    return out
 
 
 def grid_rows(grid: str) -> List[Row]:
@@ -76,6 +81,11 @@ def grid_rows(grid: str) -> List[Row]:
     rows.append(Row(f"UI exact {div}", "uni_instruct", "exact", div, seeds))
   rows += [Row(f"UI official {div}", "uni_instruct", "official", div, 1)
            for div in ("forward_kl", "jeffreys")]
+  # The exact forward-KL rows with the per-sample normaliser w_f instead of the sigma-only n(sigma)
+  # (biased gradient, bounded step): tests whether n(sigma) ~ 0.8 sigma at small sigma is what
+  # blows the exact forward-KL student up (toy2d, 2 of 3 seeds) or collapses it (image mixture).
+  rows.append(Row("UI exact forward_kl, w_f normaliser", "uni_instruct", "exact", "forward_kl",
+                  MULTI_SEED if grid == "toy2d" else 1, normalizer="w_f"))
   if grid == "toy2d":
     rows.append(Row("UI exact jeffreys unclipped", "uni_instruct", "exact", "jeffreys", 1,
                     clip=UNCLIPPED))
@@ -90,8 +100,9 @@ def grid_rows(grid: str) -> List[Row]:
 def row_id(row: Row, seed: int) -> str:
   """Directory name of a row's seed."""
   clip = "-unclipped" if row.clip == UNCLIPPED else ""
+  norm = f"-{row.normalizer.replace('_', '')}" if row.normalizer else ""
   net = "" if row.network == "mlp" else f"-{row.network}"
-  return f"{row.method}-{row.mode}-{row.divergence}{clip}{net}-s{seed}"
+  return f"{row.method}-{row.mode}-{row.divergence}{clip}{norm}{net}-s{seed}"
 
 
 def parse_set(items: Sequence[str]) -> Dict[str, Any]:
@@ -233,6 +244,11 @@ def run_grid(grid: str, out: pathlib.Path, steps: int = 0, settings: Optional[Di
       info["wall_s"] = round(time.time() - start, 1)
       (wd / "row.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
       ran.append(row_id(row, seed))
+  if grid == "image_mixture":  # what the MLP rows' networks reach whatever the loss (cached)
+    from uni_instruct_jax import mixture_ceilings  # pylint: disable=g-import-not-at-top
+    print("compare: image_mixture architecture ceilings (mixture_ceilings.py)", flush=True)
+    (gdir / CEILINGS).write_text(json.dumps(mixture_ceilings.ceilings(base), indent=2,
+                                            sort_keys=True) + "\n")
   return ran
 
 
@@ -275,13 +291,16 @@ def _knob_cells(row: Row, runs: List[Dict[str, Any]], base) -> List[str]:
   net = config.network.class_name
   net = "MLP " + "x".join(map(str, config.network.kwargs.hidden)) if net == "MLPPrecond" else (
       f"{config.network.kwargs.model_type} {config.network.kwargs.model_channels}ch")
-  return [row.name, row.method, row.mode, row.divergence, effective_clip(config),
+  mode = row.mode
+  if row.mode == "exact" and "normalizer" in config.loss.overrides:
+    mode += f" (n: {config.loss.overrides.normalizer})"
+  return [row.name, row.method, mode, row.divergence, effective_clip(config),
           f"{config.optim.gen_lr:g} / {config.optim.lr:g}", str(steps),
           f"{net}, batch {config.training.batch_size}, fit {config.teacher.fit_steps}",
           f"{len(runs)}/{row.seeds}"]
 
 
-KNOB_HEADER = ["row", "method", "mode", "divergence", "ratio clip", "lr gen / fake", "steps",
+KNOB_HEADER = ["row", "method", "mode (exact: normaliser)", "divergence", "ratio clip", "lr gen / fake", "steps",
                "networks, batch, teacher fit steps", "seeds done"]
 
 
@@ -404,6 +423,40 @@ def _image_targets(row: Row, runs, floor, teacher35) -> Optional[str]:
   return f"{row.name}: " + "; ".join(parts)
 
 
+def _ceiling_findings(loaded, ceilings, teacher35, k: int) -> List[str]:
+  """Sentences comparing the MLP rows with mixture_ceilings' two reference rows."""
+  fitted, regressed = ceilings["fitted_sampler"], ceilings["ode_regression"]
+  out = [f"The denoiser the seed-0 MLP rows start from (generator and fake score), sampled with 35-NFE "
+         f"Heun, has precision {fitted['precision']:.3f}, distance {fitted['mode_distance']:.2f} "
+         f"and pixel FD {fitted['pixel_fd']:.3f} ({fitted['pixel_fd'] / teacher35['pixel_fd']:.1f}"
+         "x the exact teacher's from the same latents): the fake score's architecture and fit do "
+         "not represent the data law to the precision target's accuracy."
+         if fitted["precision"] < 0.9 else
+         f"The fitted denoiser, sampled with 35-NFE Heun, has precision {fitted['precision']:.3f}."]
+  reg_fd = regressed["pixel_fd"] / teacher35["pixel_fd"]
+  sentence = (f"Told the answer (regression on the exact teacher's noise-to-sample map), a one-step "
+              f"generator with the MLP rows' architecture, start and budget reaches precision "
+              f"{regressed['precision']:.3f}, distance {regressed['mode_distance']:.2f}, "
+              f"{regressed['modes_covered']}/{k} modes and pixel FD {regressed['pixel_fd']:.3f} "
+              f"({reg_fd:.1f}x the exact teacher's)")
+  if regressed["precision"] < 0.9 and reg_fd > 2:
+    sentence += ": the precision and FD targets are out of its reach at this budget even so"
+  out.append(sentence + ".")
+  mlp = [(row, runs) for row, runs, _ in loaded if row.network == "mlp" and runs]
+  if mlp:
+    row, runs = min(mlp, key=lambda x: max(r["student"]["pixel_fd"] for r in x[1]))
+    best = max(r["student"]["pixel_fd"] for r in runs)
+    out.append(f"The lowest pixel FD of an MLP row (worst seed) is {row.name}'s {best:.3f}, "
+               f"{best / regressed['pixel_fd']:.2f}x the regressed generator's.")
+    sharp = [(row.name, max(r["student"]["precision"] for r in runs),
+              max(r["student"]["modes_covered"] for r in runs))
+             for row, runs in mlp if max(r["student"]["precision"] for r in runs) >= 0.1]
+    if sharp:
+      out.append("MLP rows with precision >= 0.1 in some seed: " + ", ".join(
+          f"{name} ({p:.2f}, at most {c}/{k} modes)" for name, p, c in sharp) + ".")
+  return out
+
+
 def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.Path,
                    steps: int) -> List[str]:
   loaded = _load_rows(gdir, "image_mixture")
@@ -423,9 +476,24 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
   base_lines = [["exact samples (floor)", "0"] + _image_cells([floor])]
   base_lines += [[f"exact teacher, {t['source'].split('_')[-1]}", str(t["nfe"])]
                  + _image_cells([t]) for t in teacher]
-  base_lines.append(["generator at init (1 step)", "1"] + _image_cells([r["init"] for r in runs_all]))
+  inits = [r["init"] for row, runs, _ in loaded if row.network == "mlp" for r in runs]
+  if inits:  # the MLP rows' generator (the SongUNet rows' is another network)
+    base_lines.append(["MLP generator at init (1 step)", "1"] + _image_cells(inits))
+  ceilings = (json.loads((gdir / CEILINGS).read_text()) if (gdir / CEILINGS).exists() else None)
+  if ceilings:
+    fitted, regressed = ceilings["fitted_sampler"], ceilings["ode_regression"]
+    base_lines += [["MLP rows' fitted denoiser (generator and fake-score start) as a Heun sampler",
+                    str(fitted["nfe"])] + _image_cells([fitted]),
+                   [f"MLP generator regressed on the exact teacher's ODE map "
+                    f"({regressed['settings']['steps']} steps, rows' batch and lr)", "1"]
+                   + _image_cells([regressed])]
   out += [_table(["baseline", "NFE"] + [c for c, _, _ in IMAGE_COLUMNS], base_lines), "",
-          f"TV floor formula 0.5 sqrt(2K/(pi N)) sqrt(1 - 1/K): {floor['tv_floor_formula']:.4f}.", ""]
+          f"TV floor formula 0.5 sqrt(2K/(pi N)) sqrt(1 - 1/K): {floor['tv_floor_formula']:.4f}.",
+          "The last two baselines (uni_instruct_jax/mixture_ceilings.py, seed 0's fit) measure "
+          "what the MLP rows' networks reach whatever the distillation loss: the fake score's "
+          "architecture and fit as a 35-NFE sampler, and a one-step generator of the rows' "
+          "architecture, start and budget trained by regression on the exact teacher's "
+          "deterministic map from noise to sample (told the answer)." if ceilings else "", ""]
   lines, targets, findings = [], [], []
   k = first["num_modes"]
   for row, runs, failed in loaded:
@@ -444,6 +512,8 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
           "Targets (Uni-Instruct forward KL and Jeffreys; every seed):", ""]
   out += [f"- {t}" for t in targets] or ["- no finished forward-KL / Jeffreys row yet"]
   findings += _untrained_ratio_findings(loaded, base)
+  if ceilings:
+    findings += _ceiling_findings(loaded, ceilings, teacher[0], k)
   out += ["", "Findings the table supports:", ""] + [f"- {f}" for f in findings] + [""]
   out += _image_figures(gdir, record, figures, loaded, steps)
   return out

@@ -157,21 +157,28 @@ def _chunked(fn, x: jnp.ndarray, chunk: int) -> np.ndarray:
   return np.asarray(out.reshape(-1, x.shape[1])[:n])
 
 
+def heun_row(denoise, mixture: toy.GaussianMixture, n: int, seed: int, steps: int,
+             source: str) -> Dict[str, Any]:
+  """Metric row of Heun with `steps` steps (2 steps - 1 NFE) of denoise(x [b, d], sigma [b], None)
+  -> [b, d] from the seed's teacher latents, vs `reference_samples`: the same latents for every
+  denoiser, so the exact teacher and a network fitted to it are compared sample for sample."""
+  latents = jax.random.normal(_keys(seed)[2], (n, mixture.dim), jnp.float32)
+  samples = _chunked(lambda z: sampling.heun_sampler(denoise, z, num_steps=steps), latents,
+                     min(SAMPLER_CHUNK, n))
+  return {"source": source, "nfe": sampling.nfe(steps),
+          **sample_metrics(samples, mixture, reference_samples(mixture, n, seed))}
+
+
 def teacher_rows(mixture: toy.GaussianMixture, n: int, seed: int,
                  heun_steps: Sequence[int] = TEACHER_HEUN_STEPS) -> List[Dict[str, Any]]:
   """Metric rows of the exact teacher's samplers from the same n latents: Heun with each of
   `heun_steps` (2N - 1 NFE) and the 1-NFE Euler step D(80 z, 80); vs `reference_samples`."""
-  reference = reference_samples(mixture, n, seed)
-  latents = jax.random.normal(_keys(seed)[2], (n, mixture.dim), jnp.float32)
   denoise = lambda x, s, _: mixture.denoiser(x, s)
-  chunk = min(SAMPLER_CHUNK, n)
-  rows = []
-  for steps in heun_steps:
-    samples = _chunked(lambda z, steps=steps: sampling.heun_sampler(denoise, z, num_steps=steps),
-                       latents, chunk)
-    rows.append({"source": "teacher_heun", "nfe": sampling.nfe(steps),
-                 **sample_metrics(samples, mixture, reference)})
+  rows = [heun_row(denoise, mixture, n, seed, steps, "teacher_heun") for steps in heun_steps]
+  latents = jax.random.normal(_keys(seed)[2], (n, mixture.dim), jnp.float32)
   sigma_max = sampling.karras_schedule(2)[0]
-  samples = _chunked(lambda z: mixture.denoiser(sigma_max * z, sigma_max), latents, chunk)
-  rows.append({"source": "teacher_euler", "nfe": 1, **sample_metrics(samples, mixture, reference)})
+  samples = _chunked(lambda z: mixture.denoiser(sigma_max * z, sigma_max), latents,
+                     min(SAMPLER_CHUNK, n))
+  rows.append({"source": "teacher_euler", "nfe": 1,
+               **sample_metrics(samples, mixture, reference_samples(mixture, n, seed))})
   return rows

@@ -106,7 +106,7 @@ def _cache_dir() -> Optional[pathlib.Path]:
   return pathlib.Path(path) if path else None
 
 
-def _cached(kind: str, mixture, settings: Dict[str, Any], compute: Callable[[], Any],
+def cached_on_disk(kind: str, mixture, settings: Dict[str, Any], compute: Callable[[], Any],
             template: Any = None) -> Any:
   """compute() memoised in $UNI_INSTRUCT_FIT_CACHE/<kind>-<key>.{json,msgpack} (no cache when
   unset): `template` (a pytree of arrays) restores msgpack params; None stores JSON."""
@@ -195,7 +195,7 @@ def build_toy_nets(config, mixture):
                           config.teacher.fit_lr]}
       if config.network.class_name != "MLPPrecond":  # keeps the MLP's existing cache keys
         settings["class_name"] = config.network.class_name
-      fitted = _cached("teacher_fit", mixture, settings, lambda: fit(key),
+      fitted = cached_on_disk("teacher_fit", mixture, settings, lambda: fit(key),
                        template=jax.eval_shape(fit, key))
       fitted = jax.tree.map(jnp.asarray, fitted)
     return fitted, fitted
@@ -206,7 +206,7 @@ def mixture_baselines(mixture: toy.GaussianMixture, num: int, seed: int) -> Dict
   """{'floor': floor_row, 'teacher': teacher_rows (35, 3 and 1 NFE)} of the mixture at (num,
   seed): computed once per mixture (cached on disk like the teacher fit)."""
   settings = {"num": num, "seed": seed, "heun_steps": mixture_metrics.TEACHER_HEUN_STEPS}
-  return _cached("baselines", mixture, settings, lambda: {
+  return cached_on_disk("baselines", mixture, settings, lambda: {
       "floor": mixture_metrics.floor_row(mixture, num, seed),
       "teacher": mixture_metrics.teacher_rows(mixture, num, seed)})
 
