@@ -546,7 +546,10 @@ def _status(gdir: pathlib.Path, grid: str, record: Dict[str, Any]) -> List[str]:
   total = sum(row.seeds for row, _, _ in loaded)
   sets = " ".join(shlex.quote(f"--set={k}={v!r}") for k, v in record["settings"].items())
   steps = f" --steps={record['steps']}" if record["steps"] else ""
-  return [f"Status: {done}/{total} runs of the {grid} grid finished. To complete it (resumes; "
+  wall = sum(r["row"].get("wall_s", 0.0) for _, runs, _ in loaded for r in runs)
+  return [f"Status: {done}/{total} runs of the {grid} grid finished, in {wall / 3600:.2f} h of "
+          "wall time (the rows' row.json wall_s summed: teacher fits included, measured on a "
+          "2-core machine that often ran two grid processes at once). To complete it (resumes; "
           "finished rows are skipped):", "",
           f"    nice -n 10 python -m uni_instruct_jax.compare --grid={grid} --out=OUT{steps} {sets}",
           ""]
@@ -561,8 +564,7 @@ def write_report(out: pathlib.Path, doc: pathlib.Path, figures: pathlib.Path) ->
           "its config, budget (generator steps, batch) and seeds 0..n-1; the knob columns list "
           "everything that differs. The first 10 % of every run is the recipe's SiD-only phase "
           "(alpha 1, no GAN) and the first 5 % a generator warm-up, for every method alike. "
-          "Rows run before the discriminator-training and sigma-law fixes of issue 10 are not "
-          "final: the commit of each grid's rows is stated.", ""]
+          "Each grid states the commits its rows ran at.", ""]
   for grid in GRID_CONFIGS:
     gdir = out / grid
     if not (gdir / "grid.json").exists():
