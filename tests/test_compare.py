@@ -49,7 +49,7 @@ def test_row_config_knobs_and_unclipped_row():
   assert "ratio_clip" in base.loss.overrides  # the base is not modified
   sid = compare.row_config(base, rows["SiD (alpha 1.2)"], 0)
   assert (sid.loss.method, sid.loss.divergence) == ("sid", "reverse_kl")
-  wf_row = rows["UI exact forward_kl, w_f normaliser"]
+  wf_row = rows["UI exact forward_kl w_f normaliser"]
   wf = compare.row_config(base, wf_row, 1)
   assert wf.loss.overrides.normalizer == "w_f" and base.loss.overrides.normalizer == "sigma"
   assert compare.row_id(wf_row, 1) == "uni_instruct-exact-forward_kl-wf-s1"

@@ -84,7 +84,7 @@ def grid_rows(grid: str) -> List[Row]:
   # The exact forward-KL rows with the per-sample normaliser w_f instead of the sigma-only n(sigma)
   # (biased gradient, bounded step): tests whether n(sigma) ~ 0.8 sigma at small sigma is what
   # blows the exact forward-KL student up (toy2d, 2 of 3 seeds) or collapses it (image mixture).
-  rows.append(Row("UI exact forward_kl, w_f normaliser", "uni_instruct", "exact", "forward_kl",
+  rows.append(Row("UI exact forward_kl w_f normaliser", "uni_instruct", "exact", "forward_kl",
                   MULTI_SEED if grid == "toy2d" else 1, normalizer="w_f"))
   if grid == "toy2d":
     rows.append(Row("UI exact jeffreys unclipped", "uni_instruct", "exact", "jeffreys", 1,
