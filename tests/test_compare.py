@@ -57,6 +57,20 @@ def test_row_config_knobs_and_unclipped_row():
   assert cells[2] == "exact (n: w_f)"
 
 
+def test_normaliser_findings_set_each_normaliser_row_beside_its_config_twin():
+  rows = {r.name: r for r in compare.grid_rows("toy2d")}
+  run = lambda metric, init: {"student_metric": metric, "init_metric": init}
+  loaded = [(rows["SiD (alpha 1.2)"], [run(0.03, 0.4)], 0),
+            (rows["UI exact forward_kl"], [run(0.05, 0.4), run(12.0, 0.4)], 0),
+            (rows["UI exact forward_kl w_f normaliser"], [run(0.06, 0.4)], 0)]
+  out = compare._normaliser_findings(  # pylint: disable=protected-access
+      loaded, lambda r: r["student_metric"], lambda r: r["init_metric"], "W2")
+  assert out == ["UI exact forward_kl w_f normaliser: W2 0.06 by seed (0/1 diverged); "
+                 "UI exact forward_kl: W2 0.05, 12 by seed (1/2 diverged)."]
+  assert not compare._normaliser_findings(  # pylint: disable=protected-access
+      loaded[:2], lambda r: r["student_metric"], lambda r: r["init_metric"], "W2")
+
+
 def test_bad_input_is_one_line_error():
   with pytest.raises(compare.CompareError, match="unknown config key"):
     compare.base_config("toy2d", settings={"loss.nope": 1})

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -326,6 +326,26 @@ def _untrained_ratio_findings(loaded, base) -> List[str]:
           and effective_clip(row_config(base, row, 0)) != "r unused"]
 
 
+def _normaliser_findings(loaded, metric: Callable[[Dict[str, Any]], float],
+                         init_metric: Callable[[Dict[str, Any]], float], name: str) -> List[str]:
+  """Each row with its own exact-mode normaliser next to the same method / divergence / network
+  row with the config's: `metric` of every seed (lower is better) and how many seeds diverged
+  (ended above `init_metric`, their generator's at initialisation)."""
+  def describe(runs):
+    worse = sum(metric(r) > init_metric(r) for r in runs)
+    return (f"{name} " + ", ".join(f"{metric(r):.4g}" for r in runs)
+            + f" by seed ({worse}/{len(runs)} diverged)")
+
+  config_normaliser = {(r.method, r.mode, r.divergence, r.clip, r.network): (r, runs)
+                       for r, runs, _ in loaded if r.normalizer is None}
+  out = []
+  for row, runs, _ in loaded:
+    other = config_normaliser.get((row.method, row.mode, row.divergence, row.clip, row.network))
+    if row.normalizer and runs and other and other[1]:
+      out.append(f"{row.name}: {describe(runs)}; {other[0].name}: {describe(other[1])}.")
+  return out
+
+
 def _table(header: List[str], lines: List[List[str]]) -> str:
   return "\n".join(["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
                    + ["| " + " | ".join(line) + " |" for line in lines])
@@ -391,6 +411,8 @@ def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
   if not any("misses modes" in f for f in findings) and runs_all:
     findings.insert(0, "Every finished row covers all 8 modes in every seed.")
   findings += _untrained_ratio_findings(loaded, base)
+  findings += _normaliser_findings(loaded, lambda r: r["student_metric"],
+                                   lambda r: r["init_metric"], "sliced W2")
   out += [f"- {f}" for f in findings] or ["- no finished rows yet."]
   out += ["", "Scatter plots (seed 0; red student, blue data): "
           + ", ".join(f"[{row.name}](results/toy2d-{row_id(row, 0)}.png)"
@@ -512,6 +534,8 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
           "Targets (Uni-Instruct forward KL and Jeffreys; every seed):", ""]
   out += [f"- {t}" for t in targets] or ["- no finished forward-KL / Jeffreys row yet"]
   findings += _untrained_ratio_findings(loaded, base)
+  findings += _normaliser_findings(loaded, lambda r: r["student"]["pixel_fd"],
+                                   lambda r: r["init"]["pixel_fd"], "pixel FD")
   if ceilings:
     findings += _ceiling_findings(loaded, ceilings, teacher[0], k)
   out += ["", "Findings the table supports:", ""] + [f"- {f}" for f in findings] + [""]
