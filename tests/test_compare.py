@@ -123,8 +123,9 @@ def test_compare_end_to_end_on_a_tiny_image_mixture(tmp_path, monkeypatch):
   assert "UI exact forward_kl: modes >= 95%" in text
   assert "2/25 runs of the image_mixture grid finished" in text
   ceilings = json.loads((out / "image_mixture" / "ceilings.json").read_text())
-  assert ceilings["ode_regression"]["settings"]["steps"] == 20
+  assert ceilings["ode_regression"]["steps"] == 20 and ceilings["ode_regression_long"]["steps"] == 80
   assert "regressed on the exact teacher's ODE map (20 steps" in text
+  assert "regressed on the exact teacher's ODE map (80 steps" in text
   assert "Told the answer" in text and "The denoiser the seed-0 MLP rows start from" in text
   row = json.loads((out / "image_mixture" / "sid-official-reverse_kl-s0" / "row.json").read_text())
   assert len(row["commit"]) >= 40

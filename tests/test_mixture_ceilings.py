@@ -57,8 +57,9 @@ def test_ceilings_of_a_tiny_image_mixture_config_are_cached(tmp_path, monkeypatc
   config.teacher.fit_steps, config.network.kwargs.hidden = 200, (32, 32)
   config.training.batch_size, config.training.total_kimg = 32, 32 * 40 / 1000  # 40 steps
   out = mc.ceilings(config, num=400, seed=1)
-  assert set(out) == {"fitted_sampler", "ode_regression"}
-  assert out["ode_regression"]["settings"]["steps"] == 40
+  assert set(out) == {"fitted_sampler", "ode_regression", "ode_regression_long"}
+  assert out["ode_regression"]["steps"] == 40
+  assert out["ode_regression_long"]["steps"] == 40 * mc.LONG_FACTOR
   for row in out.values():
     assert row["num_samples"] == 400 and np.isfinite(row["pixel_fd"])
   assert sorted(p.name.split("-")[0] for p in tmp_path.iterdir()) == ["ceilings", "teacher_fit"]

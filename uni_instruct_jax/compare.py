@@ -446,7 +446,7 @@ def _image_targets(row: Row, runs, floor, teacher35) -> Optional[str]:
 
 
 def _ceiling_findings(loaded, ceilings, teacher35, k: int) -> List[str]:
-  """Sentences comparing the MLP rows with mixture_ceilings' two reference rows."""
+  """Sentences comparing the MLP rows with mixture_ceilings' reference rows."""
   fitted, regressed = ceilings["fitted_sampler"], ceilings["ode_regression"]
   out = [f"The denoiser the seed-0 MLP rows start from (generator and fake score), sampled with 35-NFE "
          f"Heun, has precision {fitted['precision']:.3f}, distance {fitted['mode_distance']:.2f} "
@@ -463,7 +463,10 @@ def _ceiling_findings(loaded, ceilings, teacher35, k: int) -> List[str]:
               f"({reg_fd:.1f}x the exact teacher's)")
   if regressed["precision"] < 0.9 and reg_fd > 2:
     sentence += ": the precision and FD targets are out of its reach at this budget even so"
-  out.append(sentence + ".")
+  long = ceilings["ode_regression_long"]
+  out.append(sentence + f"; with {long['steps']} steps: precision {long['precision']:.3f}, "
+             f"distance {long['mode_distance']:.2f}, {long['modes_covered']}/{k} modes, pixel FD "
+             f"{long['pixel_fd']:.3f} ({long['pixel_fd'] / teacher35['pixel_fd']:.1f}x).")
   mlp = [(row, runs) for row, runs, _ in loaded if row.network == "mlp" and runs]
   if mlp:
     row, runs = min(mlp, key=lambda x: max(r["student"]["pixel_fd"] for r in x[1]))
@@ -503,19 +506,20 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
     base_lines.append(["MLP generator at init (1 step)", "1"] + _image_cells(inits))
   ceilings = (json.loads((gdir / CEILINGS).read_text()) if (gdir / CEILINGS).exists() else None)
   if ceilings:
-    fitted, regressed = ceilings["fitted_sampler"], ceilings["ode_regression"]
-    base_lines += [["MLP rows' fitted denoiser (generator and fake-score start) as a Heun sampler",
-                    str(fitted["nfe"])] + _image_cells([fitted]),
-                   [f"MLP generator regressed on the exact teacher's ODE map "
-                    f"({regressed['settings']['steps']} steps, rows' batch and lr)", "1"]
-                   + _image_cells([regressed])]
+    fitted = ceilings["fitted_sampler"]
+    base_lines.append(["MLP rows' fitted denoiser (generator and fake-score start) as a Heun "
+                       "sampler", str(fitted["nfe"])] + _image_cells([fitted]))
+    base_lines += [[f"MLP generator regressed on the exact teacher's ODE map ({reg['steps']} "
+                    "steps, rows' batch and lr)", "1"] + _image_cells([reg])
+                   for reg in (ceilings["ode_regression"], ceilings["ode_regression_long"])]
   out += [_table(["baseline", "NFE"] + [c for c, _, _ in IMAGE_COLUMNS], base_lines), "",
           f"TV floor formula 0.5 sqrt(2K/(pi N)) sqrt(1 - 1/K): {floor['tv_floor_formula']:.4f}.",
-          "The last two baselines (uni_instruct_jax/mixture_ceilings.py, seed 0's fit) measure "
+          "The last three baselines (uni_instruct_jax/mixture_ceilings.py, seed 0's fit) measure "
           "what the MLP rows' networks reach whatever the distillation loss: the fake score's "
           "architecture and fit as a 35-NFE sampler, and a one-step generator of the rows' "
-          "architecture, start and budget trained by regression on the exact teacher's "
-          "deterministic map from noise to sample (told the answer)." if ceilings else "", ""]
+          "architecture and start trained by regression on the exact teacher's deterministic map "
+          "from noise to sample (told the answer) with the rows' budget and with "
+          f"{ceilings['ode_regression_long']['steps']} steps." if ceilings else "", ""]
   lines, targets, findings = [], [], []
   k = first["num_modes"]
   for row, runs, failed in loaded:

@@ -12,10 +12,11 @@ Two reference rows for a toy / image-mixture config, each a `mixture_metrics.sam
   regression on the exact teacher's deterministic map z -> Heun-35(80 z) (mean over the batch of
   ||G(z) - x||^2, fresh pairs every step). A supervised one-step generator with the rows' budget:
   how sharp a one-step map of this architecture gets in that many steps when it is told the answer.
+  'ode_regression_long' is the same with LONG_FACTOR times the steps.
 
 `ceilings(config)` computes both for a config (seed config.seed's fit) and caches them on disk
 beside the teacher fit ($UNI_INSTRUCT_FIT_CACHE). Cost on 2 CPU cores for configs/cifar10_mixture.py:
-~2-4 min (the regression runs a 35-NFE exact-teacher chain per batch).
+~8 min (each regression step runs a 35-NFE exact-teacher chain on its batch).
 """
 
 import json
@@ -33,6 +34,7 @@ from uni_instruct_jax import toy
 from uni_instruct_jax import toy_run
 
 TEACHER_STEPS = 18  # Heun steps of the teacher map and of the fitted sampler (35 NFE).
+LONG_FACTOR = 4     # 'ode_regression_long' trains this many times the rows' steps.
 
 
 def fitted_sampler_row(denoise: Callable, mixture: toy.GaussianMixture, num: int,
@@ -70,9 +72,11 @@ def ode_regression(generate: Callable, params: Any, mixture: toy.GaussianMixture
 
 def ceilings(config, num: int = toy_run.IMAGE_METRICS_NUM,
              seed: int = toy_run.IMAGE_METRICS_SEED) -> Dict[str, Dict[str, Any]]:
-  """{'fitted_sampler', 'ode_regression'} metric rows (module docstring) of a toy / image-mixture
-  config whose generator is its fitted denoiser (generator.network ''): the fit of config.seed,
-  the rows' step count (training.total_kimg / batch), batch, generator lr and Adam betas / eps.
+  """{'fitted_sampler', 'ode_regression', 'ode_regression_long'} metric rows (module docstring) of
+  a toy / image-mixture config whose generator is its fitted denoiser (generator.network ''): the
+  fit of config.seed, the rows' step count (training.total_kimg / batch; LONG_FACTOR times that
+  for 'ode_regression_long': is it the budget or the architecture?), batch, generator lr and Adam
+  betas / eps.
   Cached on disk with the teacher fit; each row also records the settings it ran with."""
   if config.generator.network:
     raise ValueError("ceilings are defined for the fitted-denoiser generator (generator.network "
@@ -102,17 +106,21 @@ def ceilings(config, num: int = toy_run.IMAGE_METRICS_NUM,
       return flat(nets_lib.generate(nets, p, buffers, unflat(z), None,
                                     config.training.sigma_init))
 
-    tx = optax.adam(o.gen_lr, b1=o.b1, b2=o.b2, eps=o.eps)
-    trained = ode_regression(generate, gen_params, mixture, tx, steps, batch,
-                             jax.random.fold_in(jax.random.key(config.seed), 1))
     z = jax.random.normal(jax.random.key(seed + 1), (num, mixture.dim), jnp.float32)
-    samples = np.concatenate([np.asarray(jax.jit(generate)(trained, c))
-                              for c in np.array_split(np.asarray(z), max(1, num // 2048))])
     reference = mixture_metrics.reference_samples(mixture, num, seed)
+
+    def regression_row(num_steps):
+      tx = optax.adam(o.gen_lr, b1=o.b1, b2=o.b2, eps=o.eps)
+      trained = ode_regression(generate, gen_params, mixture, tx, num_steps, batch,
+                               jax.random.fold_in(jax.random.key(config.seed), 1))
+      samples = np.concatenate([np.asarray(jax.jit(generate)(trained, c))
+                                for c in np.array_split(np.asarray(z), max(1, num // 2048))])
+      return {"source": "ode_regression", "nfe": 1, "steps": num_steps,
+              **mixture_metrics.sample_metrics(samples, mixture, reference), "settings": settings}
+
     return {"fitted_sampler": {**fitted_sampler_row(denoise, mixture, num, seed),
                                "settings": settings},
-            "ode_regression": {"source": "ode_regression", "nfe": 1,
-                               **mixture_metrics.sample_metrics(samples, mixture, reference),
-                               "settings": settings}}
+            "ode_regression": regression_row(steps),
+            "ode_regression_long": regression_row(LONG_FACTOR * steps)}
 
   return toy_run.cached_on_disk("ceilings", mixture, settings, compute)
