@@ -71,6 +71,26 @@ def test_normaliser_findings_set_each_normaliser_row_beside_its_config_twin():
       loaded[:2], lambda r: r["student_metric"], lambda r: r["init_metric"], "W2")
 
 
+def test_behaviour_findings_group_image_rows_by_what_every_seed_does():
+  rows = {r.name: r for r in compare.grid_rows("image_mixture")}
+  def run(tv, precision, covered, fd):
+    return {"student": {"mode_balance_tv": tv, "precision": precision, "modes_covered": covered,
+                        "pixel_fd": fd}, "init": {"pixel_fd": 10.0}}
+  loaded = [(rows["SiD (alpha 1.2)"], [run(0.1, 0.0, 0, 1.0), run(0.2, 0.01, 0, 2.0)], 0),
+            (rows["DMD"], [run(0.9, 0.5, 3, 20.0)], 0),
+            (rows["UI exact jensen_shannon"], [run(0.9, 0.0, 0, 1e5)], 0),
+            (rows["SiDA"], [run(0.1, 0.0, 0, 0.5), run(0.9, 0.5, 2, 20.0)], 0),  # mixed seeds
+            (rows["Diff-Instruct"], [], 0)]
+  out = compare._behaviour_findings(  # pylint: disable=protected-access
+      loaded, {"pixel_fd": 0.025, "mode_balance_tv": 0.02}, {"pixel_fd": 0.05}, 32)
+  assert out[0].endswith("without reaching them (balance TV < 0.3 and precision < 0.1): "
+                         "SiD (alpha 1.2).")
+  assert out[1].endswith("collapsed onto at most 8/32 modes (balance TV > 0.5): DMD.")
+  assert out[2].endswith("initial generator's): UI exact jensen_shannon.")
+  assert out[3] == "Rows covering >= 95 % of the 32 modes in every seed: none."
+  assert "lowest pixel FD (worst seed) is SiD (alpha 1.2)'s 2.000, 40.0x the teacher's" in out[4]
+
+
 def test_bad_input_is_one_line_error():
   with pytest.raises(compare.CompareError, match="unknown config key"):
     compare.base_config("toy2d", settings={"loss.nope": 1})

@@ -445,6 +445,45 @@ def _image_targets(row: Row, runs, floor, teacher35) -> Optional[str]:
   return f"{row.name}: " + "; ".join(parts)
 
 
+def _behaviour_findings(loaded, floor, teacher35, k: int) -> List[str]:
+  """The rows grouped by what their students do (every seed): spread over the modes without
+  reaching them, collapsed onto a few, or diverged; and the best student against the 35-NFE
+  teacher and the exact-sample floor."""
+  done = [(row, [r["student"] for r in runs], [r["init"] for r in runs])
+          for row, runs, _ in loaded if runs]
+  if not done:
+    return []
+  groups = {
+      "spread over the modes without reaching them (balance TV < 0.3 and precision < 0.1)":
+          lambda s, i: s["mode_balance_tv"] < 0.3 and s["precision"] < 0.1,
+      f"collapsed onto at most {k // 4}/{k} modes (balance TV > 0.5)":
+          lambda s, i: s["modes_covered"] <= k // 4 and s["mode_balance_tv"] > 0.5
+          and s["pixel_fd"] <= i["pixel_fd"] * 10,
+      "diverged (pixel FD over 10x the initial generator's)":
+          lambda s, i: s["pixel_fd"] > i["pixel_fd"] * 10}
+  out = []
+  for label, test in groups.items():
+    names = [row.name for row, students, inits in done
+             if all(test(s, i) for s, i in zip(students, inits))]
+    if names:
+      out.append(f"In every seed, {label}: {', '.join(names)}.")
+  full = [row.name for row, students, _ in done
+          if all(s["modes_covered"] >= 0.95 * k for s in students)]
+  out.append(f"Rows covering >= 95 % of the {k} modes in every seed: "
+             f"{', '.join(full) if full else 'none'}.")
+  row, students, _ = min(done, key=lambda x: max(s["pixel_fd"] for s in x[1]))
+  fd = max(s["pixel_fd"] for s in students)
+  row_tv, tv_students, _ = min(done, key=lambda x: max(s["mode_balance_tv"] for s in x[1]))
+  tv = max(s["mode_balance_tv"] for s in tv_students)
+  out.append(f"No one-step student reaches the 35-NFE teacher: the lowest pixel FD (worst seed) "
+             f"is {row.name}'s {fd:.3f}, {fd / teacher35['pixel_fd']:.1f}x the teacher's and "
+             f"{fd / floor['pixel_fd']:.1f}x the exact-sample floor's; the balance TV closest to "
+             f"the floor ({floor['mode_balance_tv']:.3f}) is {row_tv.name}'s {tv:.3f}."
+             if fd > teacher35["pixel_fd"] else
+             f"{row.name} reaches the 35-NFE teacher's pixel FD ({fd:.3f}).")
+  return out
+
+
 def _ceiling_findings(loaded, ceilings, teacher35, k: int) -> List[str]:
   """Sentences comparing the MLP rows with mixture_ceilings' reference rows."""
   fitted, regressed = ceilings["fitted_sampler"], ceilings["ode_regression"]
@@ -537,6 +576,7 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
           "",
           "Targets (Uni-Instruct forward KL and Jeffreys; every seed):", ""]
   out += [f"- {t}" for t in targets] or ["- no finished forward-KL / Jeffreys row yet"]
+  findings += _behaviour_findings(loaded, floor, teacher[0], k)
   findings += _untrained_ratio_findings(loaded, base)
   findings += _normaliser_findings(loaded, lambda r: r["student"]["pixel_fd"],
                                    lambda r: r["init"]["pixel_fd"], "pixel FD")
@@ -577,8 +617,9 @@ def _status(gdir: pathlib.Path, grid: str, record: Dict[str, Any]) -> List[str]:
   wall = sum(r["row"].get("wall_s", 0.0) for _, runs, _ in loaded for r in runs)
   return [f"Status: {done}/{total} runs of the {grid} grid finished, in {wall / 3600:.2f} h of "
           "wall time (the rows' row.json wall_s summed: teacher fits included, measured on a "
-          "2-core machine that often ran two grid processes at once). To complete it (resumes; "
-          "finished rows are skipped):", "",
+          "2-core machine that often ran two grid processes at once). "
+          + ("Rerunning it skips every finished row:" if done == total else
+             "To complete it (resumes; finished rows are skipped):"), "",
           f"    nice -n 10 python -m uni_instruct_jax.compare --grid={grid} --out=OUT{steps} {sets}",
           ""]
 
