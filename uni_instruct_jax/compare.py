@@ -300,8 +300,8 @@ def _knob_cells(row: Row, runs: List[Dict[str, Any]], base) -> List[str]:
           f"{len(runs)}/{row.seeds}"]
 
 
-KNOB_HEADER = ["row", "method", "mode (exact: normaliser)", "divergence", "ratio clip", "lr gen / fake", "steps",
-               "networks, batch, teacher fit steps", "seeds done"]
+KNOB_HEADER = ["row", "method", "mode (exact: normaliser)", "divergence", "ratio clip",
+               "lr gen / fake", "steps", "networks, batch, teacher fit steps", "seeds done"]
 
 
 TICK_HEADER = ["r min–max, last tick (seed 0)", "disc. trained"]
