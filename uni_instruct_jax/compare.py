@@ -546,10 +546,10 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
   ceilings = (json.loads((gdir / CEILINGS).read_text()) if (gdir / CEILINGS).exists() else None)
   if ceilings:
     fitted = ceilings["fitted_sampler"]
-    base_lines.append(["MLP rows' fitted denoiser (generator and fake-score start) as a Heun "
-                       "sampler", str(fitted["nfe"])] + _image_cells([fitted]))
-    base_lines += [[f"MLP generator regressed on the exact teacher's ODE map ({reg['steps']} "
-                    "steps, rows' batch and lr)", "1"] + _image_cells([reg])
+    base_lines.append(["seed-0 MLP fit (generator and fake-score start) as a Heun sampler",
+                       str(fitted["nfe"])] + _image_cells([fitted]))
+    base_lines += [[f"seed-0 MLP generator regressed on the exact teacher's ODE map "
+                    f"({reg['steps']} steps, rows' batch and lr)", "1"] + _image_cells([reg])
                    for reg in (ceilings["ode_regression"], ceilings["ode_regression_long"])]
   out += [_table(["baseline", "NFE"] + [c for c, _, _ in IMAGE_COLUMNS], base_lines), "",
           f"TV floor formula 0.5 sqrt(2K/(pi N)) sqrt(1 - 1/K): {floor['tv_floor_formula']:.4f}.",
