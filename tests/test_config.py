@@ -190,6 +190,12 @@ def test_cli_print_config_help_and_unknown_keys(tmp_path):
   assert proc.returncode == 2 and proc.stderr.strip() == (
       "error: unknown config key 'training.batchsize'; did you mean 'training.batch_size'?")
 
+  # A documented key the file does not set: say so, even where a similar key exists.
+  proc = run_main("--config=configs/toy2d.py", "--config.loss.overrides.gan_weight=0")
+  assert proc.returncode == 2 and proc.stderr.strip() == (
+      "error: unknown config key 'loss.overrides.gan_weight' (documented, but configs/toy2d.py "
+      "does not set it, so it cannot be overridden; set it in a config file)")
+
   proc = run_main("--config=configs/tiny.py")
   assert proc.returncode == 2
   assert proc.stderr.strip() == "error: --workdir is required for --mode=train"

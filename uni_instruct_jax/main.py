@@ -81,11 +81,11 @@ def _unknown_key(argv) -> Optional[str]:
     name, node = match.group(1), config
     for part in name.split("."):
       if not hasattr(node, "keys") or part not in node.keys():
+        if name in config_schema.load_schema()[0]:  # e.g. an optional loss.overrides key
+          return (f"unknown config key {name!r} (documented, but {path} does not set it, so it "
+                  "cannot be overridden; set it in a config file)")
         close = config_schema.closest_keys(name, config)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        if not close and name in config_schema.load_schema()[0]:
-          hint = (f" (documented, but {path} does not set it, so it cannot be overridden; set it "
-                  "in a config file)")
         return f"unknown config key {name!r}{hint}"
       node = node[part]
   return None
