@@ -22,10 +22,12 @@ def test_grid_rows_match_the_issue():
       ("sid", "official", "reverse_kl", 1), ("uni_instruct", "exact", "forward_kl", 1)]
   mlp_rows = [r for r in image_rows if r.network == "mlp"]
   assert len(toy_rows) == len(mlp_rows) + 1  # the unclipped row
-  assert sum(r.seeds for r in mlp_rows) == 4 * 3 + 10 + 1  # + the w_f-normaliser row
+  assert sum(r.seeds for r in mlp_rows) == 4 * 3 + 10 + 3  # + w_f-normaliser and no-GAN rows
   wf = [r for r in toy_rows if r.normalizer]
   assert [(r.mode, r.divergence, r.normalizer, r.seeds) for r in wf] == [
       ("exact", "forward_kl", "w_f", 3)]
+  no_gan = [(r.divergence, r.gan_weight, r.seeds) for r in toy_rows if r.gan_weight is not None]
+  assert no_gan == [("reverse_kl", 0.0, 3), ("jeffreys", 0.0, 1)]
   multi = {(r.method, r.divergence) for r in mlp_rows if r.seeds == 3}
   assert multi == {("sid", "reverse_kl"), ("uni_instruct", "reverse_kl"),
                    ("uni_instruct", "forward_kl"), ("uni_instruct", "jeffreys")}
@@ -55,19 +57,25 @@ def test_row_config_knobs_and_unclipped_row():
   assert compare.row_id(wf_row, 1) == "uni_instruct-exact-forward_kl-wf-s1"
   cells = compare._knob_cells(wf_row, [], base)  # pylint: disable=protected-access
   assert cells[2] == "exact (n: w_f)"
+  no_gan_row = rows["UI exact reverse_kl no GAN"]
+  no_gan = compare.row_config(base, no_gan_row, 0)
+  assert no_gan.loss.overrides.gan_weight == 0.0 and "gan_weight" not in base.loss.overrides
+  assert compare.row_id(no_gan_row, 0) == "uni_instruct-exact-reverse_kl-nogan-s0"
+  assert compare._knob_cells(no_gan_row, [], base)[2] == (  # pylint: disable=protected-access
+      "exact (n: sigma), GAN weight 0")
 
 
-def test_normaliser_findings_set_each_normaliser_row_beside_its_config_twin():
+def test_variant_findings_set_each_variant_row_beside_its_config_twin():
   rows = {r.name: r for r in compare.grid_rows("toy2d")}
   run = lambda metric, init: {"student_metric": metric, "init_metric": init}
   loaded = [(rows["SiD (alpha 1.2)"], [run(0.03, 0.4)], 0),
             (rows["UI exact forward_kl"], [run(0.05, 0.4), run(12.0, 0.4)], 0),
             (rows["UI exact forward_kl w_f normaliser"], [run(0.06, 0.4)], 0)]
-  out = compare._normaliser_findings(  # pylint: disable=protected-access
+  out = compare._variant_findings(  # pylint: disable=protected-access
       loaded, lambda r: r["student_metric"], lambda r: r["init_metric"], "W2")
   assert out == ["UI exact forward_kl w_f normaliser: W2 0.06 by seed (0/1 diverged); "
                  "UI exact forward_kl: W2 0.05, 12 by seed (1/2 diverged)."]
-  assert not compare._normaliser_findings(  # pylint: disable=protected-access
+  assert not compare._variant_findings(  # pylint: disable=protected-access
       loaded[:2], lambda r: r["student_metric"], lambda r: r["init_metric"], "W2")
 
 
@@ -141,7 +149,7 @@ def test_compare_end_to_end_on_a_tiny_image_mixture(tmp_path, monkeypatch):
     line = next(l for l in text.splitlines() if l.startswith(f"| {name} |"))
     assert "| 1/3 |" in line and "–" not in line.split("|")[10]
   assert "UI exact forward_kl: modes >= 95%" in text
-  assert "2/25 runs of the image_mixture grid finished" in text
+  assert "2/27 runs of the image_mixture grid finished" in text
   ceilings = json.loads((out / "image_mixture" / "ceilings.json").read_text())
   assert ceilings["ode_regression"]["steps"] == 20 and ceilings["ode_regression_long"]["steps"] == 80
   assert "regressed on the exact teacher's ODE map (20 steps" in text

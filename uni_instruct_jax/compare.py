@@ -60,6 +60,12 @@ class Row:
   clip: Optional[str] = None  # UNCLIPPED: remove the config's ratio clip; None: keep it.
   network: str = "mlp"        # "songunet": IMAGE_NETWORK_CONFIG's networks and fit (image grid).
   normalizer: Optional[str] = None  # loss.overrides.normalizer of an exact row (None: config's).
+  gan_weight: Optional[float] = None  # loss.overrides.gan_weight (None: the method's preset).
+
+  @property
+  def is_variant(self) -> bool:
+    """A row that changes one loss knob of another row (its twin, same method/mode/divergence)."""
+    return self.normalizer is not None or self.gan_weight is not None
 
   def overrides(self) -> Dict[str, Any]:
     out = {"loss.method": self.method, "loss.mode": self.mode, "loss.divergence": self.divergence}
@@ -86,6 +92,11 @@ def grid_rows(grid: str) -> List[Row]:
   # blows the exact forward-KL student up (toy2d, 2 of 3 seeds) or collapses it (image mixture).
   rows.append(Row("UI exact forward_kl w_f normaliser", "uni_instruct", "exact", "forward_kl",
                   MULTI_SEED if grid == "toy2d" else 1, normalizer="w_f"))
+  # Without the preset's GAN term (gan_weight 1e-4): tests whether that term is what holds the
+  # exact reverse-KL / Jeffreys students back on toy2d (a seed-0 check gave 1.10x / 3.58x).
+  rows += [Row(f"UI exact {div} no GAN", "uni_instruct", "exact", div,
+               MULTI_SEED if grid == "toy2d" and div == "reverse_kl" else 1, gan_weight=0.0)
+           for div in ("reverse_kl", "jeffreys")]
   if grid == "toy2d":
     rows.append(Row("UI exact jeffreys unclipped", "uni_instruct", "exact", "jeffreys", 1,
                     clip=UNCLIPPED))
@@ -101,6 +112,8 @@ def row_id(row: Row, seed: int) -> str:
   """Directory name of a row's seed."""
   clip = "-unclipped" if row.clip == UNCLIPPED else ""
   norm = f"-{row.normalizer.replace('_', '')}" if row.normalizer else ""
+  norm += "" if row.gan_weight is None else ("-nogan" if row.gan_weight == 0 else
+                                              f"-gan{row.gan_weight:g}")
   net = "" if row.network == "mlp" else f"-{row.network}"
   return f"{row.method}-{row.mode}-{row.divergence}{clip}{norm}{net}-s{seed}"
 
@@ -171,6 +184,8 @@ def row_config(base, row: Row, seed: int):
   config.seed = seed
   if row.clip == UNCLIPPED and "ratio_clip" in config.loss.overrides:
     del config.loss.overrides["ratio_clip"]
+  if row.gan_weight is not None:  # an optional override key the config files do not set
+    config.loss.overrides.gan_weight = float(row.gan_weight)
   return config
 
 
@@ -294,6 +309,8 @@ def _knob_cells(row: Row, runs: List[Dict[str, Any]], base) -> List[str]:
   mode = row.mode
   if row.mode == "exact" and "normalizer" in config.loss.overrides:
     mode += f" (n: {config.loss.overrides.normalizer})"
+  if "gan_weight" in config.loss.overrides:
+    mode += f", GAN weight {config.loss.overrides.gan_weight:g}"
   return [row.name, row.method, mode, row.divergence, effective_clip(config),
           f"{config.optim.gen_lr:g} / {config.optim.lr:g}", str(steps),
           f"{net}, batch {config.training.batch_size}, fit {config.teacher.fit_steps}",
@@ -326,22 +343,22 @@ def _untrained_ratio_findings(loaded, base) -> List[str]:
           and effective_clip(row_config(base, row, 0)) != "r unused"]
 
 
-def _normaliser_findings(loaded, metric: Callable[[Dict[str, Any]], float],
+def _variant_findings(loaded, metric: Callable[[Dict[str, Any]], float],
                          init_metric: Callable[[Dict[str, Any]], float], name: str) -> List[str]:
-  """Each row with its own exact-mode normaliser next to the same method / divergence / network
-  row with the config's: `metric` of every seed (lower is better) and how many seeds diverged
-  (ended above `init_metric`, their generator's at initialisation)."""
+  """Each variant row (its own normaliser or GAN weight) next to its twin, the same method / mode /
+  divergence / clip / network row with the config's knobs: `metric` of every seed (lower is
+  better) and how many seeds diverged (ended above `init_metric`, their initial generator's)."""
   def describe(runs):
     worse = sum(metric(r) > init_metric(r) for r in runs)
     return (f"{name} " + ", ".join(f"{metric(r):.4g}" for r in runs)
             + f" by seed ({worse}/{len(runs)} diverged)")
 
-  config_normaliser = {(r.method, r.mode, r.divergence, r.clip, r.network): (r, runs)
-                       for r, runs, _ in loaded if r.normalizer is None}
+  twins = {(r.method, r.mode, r.divergence, r.clip, r.network): (r, runs)
+           for r, runs, _ in loaded if not r.is_variant}
   out = []
   for row, runs, _ in loaded:
-    other = config_normaliser.get((row.method, row.mode, row.divergence, row.clip, row.network))
-    if row.normalizer and runs and other and other[1]:
+    other = twins.get((row.method, row.mode, row.divergence, row.clip, row.network))
+    if row.is_variant and runs and other and other[1]:
       out.append(f"{row.name}: {describe(runs)}; {other[0].name}: {describe(other[1])}.")
   return out
 
@@ -411,7 +428,7 @@ def _toy2d_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
   if not any("misses modes" in f for f in findings) and runs_all:
     findings.insert(0, "Every finished row covers all 8 modes in every seed.")
   findings += _untrained_ratio_findings(loaded, base)
-  findings += _normaliser_findings(loaded, lambda r: r["student_metric"],
+  findings += _variant_findings(loaded, lambda r: r["student_metric"],
                                    lambda r: r["init_metric"], "sliced W2")
   out += [f"- {f}" for f in findings] or ["- no finished rows yet."]
   out += ["", "Scatter plots (seed 0; red student, blue data): "
@@ -578,7 +595,7 @@ def _image_section(gdir: pathlib.Path, record: Dict[str, Any], figures: pathlib.
   out += [f"- {t}" for t in targets] or ["- no finished forward-KL / Jeffreys row yet"]
   findings += _behaviour_findings(loaded, floor, teacher[0], k)
   findings += _untrained_ratio_findings(loaded, base)
-  findings += _normaliser_findings(loaded, lambda r: r["student"]["pixel_fd"],
+  findings += _variant_findings(loaded, lambda r: r["student"]["pixel_fd"],
                                    lambda r: r["init"]["pixel_fd"], "pixel FD")
   if ceilings:
     findings += _ceiling_findings(loaded, ceilings, teacher[0], k)
