@@ -462,6 +462,13 @@ def _image_targets(row: Row, runs, floor, teacher35) -> Optional[str]:
   return f"{row.name}: " + "; ".join(parts)
 
 
+def _best_row(rows, key: str) -> Tuple[Row, float]:
+  """(row, worst-seed value) of the row of [(row, runs)] whose worst seed has the lowest
+  student[key]."""
+  return min(((row, max(r["student"][key] for r in runs)) for row, runs in rows),
+             key=lambda x: x[1])
+
+
 def _behaviour_findings(loaded, floor, teacher35, k: int) -> List[str]:
   """The rows grouped by what their students do (every seed): spread over the modes without
   reaching them, collapsed onto a few, or diverged; and the best student against the 35-NFE
@@ -488,10 +495,9 @@ def _behaviour_findings(loaded, floor, teacher35, k: int) -> List[str]:
           if all(s["modes_covered"] >= 0.95 * k for s in students)]
   out.append(f"Rows covering >= 95 % of the {k} modes in every seed: "
              f"{', '.join(full) if full else 'none'}.")
-  row, students, _ = min(done, key=lambda x: max(s["pixel_fd"] for s in x[1]))
-  fd = max(s["pixel_fd"] for s in students)
-  row_tv, tv_students, _ = min(done, key=lambda x: max(s["mode_balance_tv"] for s in x[1]))
-  tv = max(s["mode_balance_tv"] for s in tv_students)
+  finished = [(row, runs) for row, runs, _ in loaded if runs]
+  row, fd = _best_row(finished, "pixel_fd")
+  row_tv, tv = _best_row(finished, "mode_balance_tv")
   out.append(f"No one-step student reaches the 35-NFE teacher: the lowest pixel FD (worst seed) "
              f"is {row.name}'s {fd:.3f}, {fd / teacher35['pixel_fd']:.1f}x the teacher's and "
              f"{fd / floor['pixel_fd']:.1f}x the exact-sample floor's; the balance TV closest to "
@@ -504,8 +510,8 @@ def _behaviour_findings(loaded, floor, teacher35, k: int) -> List[str]:
 def _ceiling_findings(loaded, ceilings, teacher35, k: int) -> List[str]:
   """Sentences comparing the MLP rows with mixture_ceilings' reference rows."""
   fitted, regressed = ceilings["fitted_sampler"], ceilings["ode_regression"]
-  out = [f"The denoiser the seed-0 MLP rows start from (generator and fake score), sampled with 35-NFE "
-         f"Heun, has precision {fitted['precision']:.3f}, distance {fitted['mode_distance']:.2f} "
+  out = [f"The denoiser the seed-0 MLP rows start from (generator and fake score), sampled with "
+         f"35-NFE Heun, has precision {fitted['precision']:.3f}, distance {fitted['mode_distance']:.2f} "
          f"and pixel FD {fitted['pixel_fd']:.3f} ({fitted['pixel_fd'] / teacher35['pixel_fd']:.1f}"
          "x the exact teacher's from the same latents): the fake score's architecture and fit do "
          "not represent the data law to the precision target's accuracy."
@@ -525,8 +531,7 @@ def _ceiling_findings(loaded, ceilings, teacher35, k: int) -> List[str]:
              f"{long['pixel_fd']:.3f} ({long['pixel_fd'] / teacher35['pixel_fd']:.1f}x).")
   mlp = [(row, runs) for row, runs, _ in loaded if row.network == "mlp" and runs]
   if mlp:
-    row, runs = min(mlp, key=lambda x: max(r["student"]["pixel_fd"] for r in x[1]))
-    best = max(r["student"]["pixel_fd"] for r in runs)
+    row, best = _best_row(mlp, "pixel_fd")
     out.append(f"The lowest pixel FD of an MLP row (worst seed) is {row.name}'s {best:.3f}, "
                f"{best / regressed['pixel_fd']:.2f}x the regressed generator's.")
     sharp = [(row.name, max(r["student"]["precision"] for r in runs),

@@ -108,12 +108,13 @@ def ceilings(config, num: int = toy_run.IMAGE_METRICS_NUM,
 
     z = jax.random.normal(jax.random.key(seed + 1), (num, mixture.dim), jnp.float32)
     reference = mixture_metrics.reference_samples(mixture, num, seed)
+    sample = jax.jit(generate)  # one compilation for every chunk of both regressions
 
     def regression_row(num_steps):
       tx = optax.adam(o.gen_lr, b1=o.b1, b2=o.b2, eps=o.eps)
       trained = ode_regression(generate, gen_params, mixture, tx, num_steps, batch,
                                jax.random.fold_in(jax.random.key(config.seed), 1))
-      samples = np.concatenate([np.asarray(jax.jit(generate)(trained, c))
+      samples = np.concatenate([np.asarray(sample(trained, c))
                                 for c in np.array_split(np.asarray(z), max(1, num // 2048))])
       return {"source": "ode_regression", "nfe": 1, "steps": num_steps,
               **mixture_metrics.sample_metrics(samples, mixture, reference), "settings": settings}

@@ -107,7 +107,7 @@ def _cache_dir() -> Optional[pathlib.Path]:
 
 
 def cached_on_disk(kind: str, mixture, settings: Dict[str, Any], compute: Callable[[], Any],
-            template: Any = None) -> Any:
+                   template: Any = None) -> Any:
   """compute() memoised in $UNI_INSTRUCT_FIT_CACHE/<kind>-<key>.{json,msgpack} (no cache when
   unset): `template` (a pytree of arrays) restores msgpack params; None stores JSON."""
   cache = _cache_dir()
@@ -196,7 +196,7 @@ def build_toy_nets(config, mixture):
       if config.network.class_name != "MLPPrecond":  # keeps the MLP's existing cache keys
         settings["class_name"] = config.network.class_name
       fitted = cached_on_disk("teacher_fit", mixture, settings, lambda: fit(key),
-                       template=jax.eval_shape(fit, key))
+                              template=jax.eval_shape(fit, key))
       fitted = jax.tree.map(jnp.asarray, fitted)
     return fitted, fitted
   return nets, {"teacher": {}, "buffers": {}}, init_params
